@@ -1,0 +1,131 @@
+//! Attachment guards: each detaches what it attached when dropped.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use libbpf_rs::{AsRawLibbpf, Link, Program};
+
+use crate::cgroup::CgroupDir;
+use crate::datapath::Inner;
+use crate::error::{Error, Result};
+
+/// The datapath attached to one cgroup. Dropping it detaches every
+/// program it attached there; connections already short-circuited keep
+/// working (their sockets stay in the map until they close).
+#[must_use = "the programs are detached when this guard is dropped"]
+pub struct CgroupAttachment {
+    // Links first: they detach before the datapath reference goes.
+    links: Vec<(&'static str, Link)>,
+    cgroup: CgroupDir,
+    _datapath: Arc<Inner>,
+}
+
+impl std::fmt::Debug for CgroupAttachment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CgroupAttachment")
+            .field("cgroup", &self.cgroup.path())
+            .field("programs", &self.programs())
+            .finish()
+    }
+}
+
+impl CgroupAttachment {
+    pub(crate) fn new(datapath: Arc<Inner>, cgroup: CgroupDir, links: Vec<(&'static str, Link)>) -> Self {
+        CgroupAttachment {
+            links,
+            cgroup,
+            _datapath: datapath,
+        }
+    }
+
+    /// The cgroup directory.
+    pub fn cgroup(&self) -> &Path {
+        self.cgroup.path()
+    }
+
+    /// The cgroup id.
+    pub fn cgroup_id(&self) -> u64 {
+        self.cgroup.id()
+    }
+
+    /// Names of the programs attached.
+    pub fn programs(&self) -> Vec<&'static str> {
+        self.links.iter().map(|(n, _)| *n).collect()
+    }
+
+    /// Detaches now, reporting failures (dropping detaches too, silently).
+    pub fn detach(mut self) -> Result<()> {
+        for (name, link) in self.links.drain(..) {
+            link.detach().map_err(|source| Error::Attach {
+                program: name,
+                target: format!("cgroup {} (detach)", self.cgroup.path().display()),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// The sk_msg program attached to the SOCKHASH: a BPF link where the
+/// kernel has sockmap links (6.10+), else a legacy attachment that this
+/// guard detaches on drop (libbpf-rs's `attach_sockmap` returns none).
+pub(crate) enum SockmapAttachment {
+    Link(#[allow(dead_code)] Link),
+    Legacy { prog: OwnedFd, map: OwnedFd, attach_type: u32 },
+}
+
+impl SockmapAttachment {
+    pub(crate) fn attach(prog: &Program<'_>, map: BorrowedFd<'_>) -> Result<Self> {
+        // SAFETY: the program pointer comes from a loaded libbpf object
+        // that outlives this call; `map` is a live map fd.
+        let ptr = unsafe {
+            libbpf_sys::bpf_program__attach_sockmap(prog.as_libbpf_object().as_ptr(), map.as_raw_fd())
+        };
+        if let Some(ptr) = NonNull::new(ptr) {
+            // SAFETY: a non-null link pointer freshly returned by libbpf,
+            // owned by nobody else.
+            return Ok(SockmapAttachment::Link(unsafe { Link::from_ptr(ptr) }));
+        }
+        let link_err = std::io::Error::last_os_error();
+        // Kernels before sockmap links: the legacy attach.
+        let attach_type = prog.attach_type() as u32;
+        // SAFETY: plain syscall wrapper on live fds.
+        let r = unsafe {
+            libbpf_sys::bpf_prog_attach(prog.as_fd().as_raw_fd(), map.as_raw_fd(), attach_type, 0)
+        };
+        if r < 0 {
+            return Err(Error::Attach {
+                program: "meshpath_sk_msg",
+                target: format!("meshpath_sockets (link: {link_err})"),
+                source: libbpf_rs::Error::from_raw_os_error(-r),
+            });
+        }
+        let dup = |fd: BorrowedFd<'_>| {
+            fd.try_clone_to_owned()
+                .map_err(|e| Error::io("duplicating fd for", "sk_msg attachment", e))
+        };
+        Ok(SockmapAttachment::Legacy {
+            prog: dup(prog.as_fd())?,
+            map: dup(map)?,
+            attach_type,
+        })
+    }
+}
+
+impl Drop for SockmapAttachment {
+    fn drop(&mut self) {
+        if let SockmapAttachment::Legacy {
+            prog,
+            map,
+            attach_type,
+        } = self
+        {
+            // SAFETY: plain syscall wrapper on fds this guard owns.
+            unsafe {
+                libbpf_sys::bpf_prog_detach2(prog.as_raw_fd(), map.as_raw_fd(), *attach_type);
+            }
+        }
+    }
+}

@@ -1,0 +1,525 @@
+//! Loading the datapath: every object, one set of maps, the sk_msg
+//! program on the SOCKHASH, and attachments to cgroups.
+
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
+use libbpf_rs::{Link, MapCore};
+
+use crate::abi::{self, BypassFlags, LpmKey, Settings, ABI_VERSION};
+use crate::attach::{CgroupAttachment, SockmapAttachment};
+use crate::cgroup::CgroupDir;
+use crate::error::{Error, Result};
+use crate::maps::{self, MapSet};
+use crate::net::IpNet;
+use crate::probe::{self, KernelQuirks};
+use crate::skel::{self, Loaded};
+use crate::stats::{self, Counters};
+
+/// Every map the datapath shares between its objects.
+pub(crate) const KNOWN_MAPS: &[&str] = &[
+    "meshpath_sockets",
+    "meshpath_sock_index",
+    "meshpath_sock_state",
+    "meshpath_bypass_ports",
+    "meshpath_local_nets",
+    "meshpath_settings",
+    "meshpath_counters",
+];
+
+/// How to load the datapath.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct DatapathOptions {
+    /// Capacity of the socket maps: established local TCP sockets (two per
+    /// connection). Default 65,536.
+    pub max_sockets: u32,
+    /// A bpffs directory to pin the maps in, so that state outlives the
+    /// process and a restarted agent adopts it. `None`: nothing is pinned.
+    pub pin_dir: Option<PathBuf>,
+    /// Enroll sockets into the short-circuit (default true). When false,
+    /// attached cgroups get the other features but every socket uses TCP.
+    pub short_circuit: bool,
+    /// Keep sockets that set `SO_RCVLOWAT > 1` on TCP, where the option is
+    /// honoured (default true).
+    pub rcvlowat_optout: bool,
+    /// Check at load that readiness (poll/epoll, FIONREAD) works on
+    /// short-circuited sockets with this kernel (default true).
+    pub probe_quirks: bool,
+}
+
+impl Default for DatapathOptions {
+    fn default() -> Self {
+        DatapathOptions {
+            max_sockets: 65_536,
+            pin_dir: None,
+            short_circuit: true,
+            rcvlowat_optout: true,
+            probe_quirks: true,
+        }
+    }
+}
+
+impl DatapathOptions {
+    /// Sets the socket map capacity.
+    pub fn max_sockets(mut self, n: u32) -> Self {
+        self.max_sockets = n;
+        self
+    }
+
+    /// Pins the maps under `dir` (on bpffs).
+    pub fn pin_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.pin_dir = Some(dir.into());
+        self
+    }
+
+    /// Turns the short-circuit on or off.
+    pub fn short_circuit(mut self, on: bool) -> Self {
+        self.short_circuit = on;
+        self
+    }
+
+    /// Turns the load-time readiness probe on or off.
+    pub fn probe_quirks(mut self, on: bool) -> Self {
+        self.probe_quirks = on;
+        self
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.max_sockets < 2 || self.max_sockets > 1 << 24 {
+            return Err(Error::invalid(
+                "max_sockets",
+                format!("{} is outside 2..=16777216", self.max_sockets),
+            ));
+        }
+        Ok(())
+    }
+
+    fn max_entries_for(&self, map: &str) -> Option<u32> {
+        match map {
+            "meshpath_sockets" | "meshpath_sock_index" => Some(self.max_sockets),
+            _ => None,
+        }
+    }
+}
+
+/// Which end of a connection a bypassed port is matched against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortSide {
+    /// The socket's own port (servers listening on it).
+    Local,
+    /// The peer's port (clients connecting to it).
+    Remote,
+    /// Either: both ends of connections to or from the port stay on TCP.
+    Both,
+}
+
+/// The loaded datapath. Cheap to clone; the kernel objects live until the
+/// last clone and the last [`CgroupAttachment`] are dropped.
+#[derive(Clone)]
+pub struct Datapath {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    // Field order is drop order: detach sk_msg first, then the objects.
+    pub(crate) msg_attach: SockmapAttachment,
+    pub(crate) sockops: Loaded<skel::sockops::SockopsSkel<'static>>,
+    pub(crate) sockopt: Loaded<skel::sockopt::SockoptSkel<'static>>,
+    pub(crate) _sk_msg: Loaded<skel::sk_msg::SkMsgSkel<'static>>,
+    pub(crate) maps: MapSet,
+    pub(crate) quirks: KernelQuirks,
+    pub(crate) pin_dir: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath")
+            .field("maps", &self.inner.maps.names().collect::<Vec<_>>())
+            .field("pin_dir", &self.inner.pin_dir)
+            .field("quirks", &self.inner.quirks)
+            .finish()
+    }
+}
+
+impl Datapath {
+    /// Loads every program and map into the kernel, ready to attach.
+    ///
+    /// Checks the kernel first (BTF, SOCKHASH, sk_msg, privileges) and
+    /// fails with an error naming what is missing.
+    pub fn load(opts: &DatapathOptions) -> Result<Datapath> {
+        opts.validate()?;
+        probe::check_kernel()?;
+        let pin_dir = match &opts.pin_dir {
+            Some(d) => Some(crate::bpffs::prepare_pin_dir(d)?),
+            None => None,
+        };
+
+        let mut maps = MapSet::default();
+        let pin = pin_dir.as_deref();
+        let sockops = load_object(
+            "sockops",
+            skel::sockops::SockopsSkelBuilder::default(),
+            &mut maps,
+            opts,
+            pin,
+        )?;
+        let sk_msg = load_object(
+            "sk_msg",
+            skel::sk_msg::SkMsgSkelBuilder::default(),
+            &mut maps,
+            opts,
+            pin,
+        )?;
+        let sockopt = load_object(
+            "sockopt",
+            skel::sockopt::SockoptSkelBuilder::default(),
+            &mut maps,
+            opts,
+            pin,
+        )?;
+
+        write_settings(
+            &maps,
+            &Settings {
+                abi_version: ABI_VERSION,
+                draining: 0,
+                shortcircuit: u8::from(opts.short_circuit),
+                optout_rcvlowat: u8::from(opts.rcvlowat_optout),
+                ..Default::default()
+            },
+        )?;
+
+        let sockets = maps
+            .get("meshpath_sockets")
+            .ok_or_else(|| Error::invalid("datapath", "meshpath_sockets missing"))?;
+        let msg_attach =
+            SockmapAttachment::attach(&sk_msg.progs.meshpath_sk_msg, sockets.fd.as_fd())?;
+
+        if let Some(dir) = pin {
+            maps.pin_all(dir)?;
+        }
+
+        let mut inner = Inner {
+            msg_attach,
+            sockops,
+            sockopt,
+            _sk_msg: sk_msg,
+            maps,
+            quirks: KernelQuirks::default(),
+            pin_dir,
+        };
+        if opts.probe_quirks {
+            inner.quirks = probe::probe_readiness(&inner.maps)?;
+        }
+        Ok(Datapath {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// Attaches the datapath to the cgroup v2 directory `path` with the
+    /// default [`AttachOptions`].
+    pub fn attach_cgroup(&self, path: impl AsRef<Path>) -> Result<CgroupAttachment> {
+        self.attach_cgroup_with(path, &AttachOptions::default())
+    }
+
+    /// Attaches the datapath to the cgroup v2 directory `path`: sockets
+    /// created by processes in it (and its descendants) are enrolled.
+    /// Either every program attaches or none does.
+    pub fn attach_cgroup_with(
+        &self,
+        path: impl AsRef<Path>,
+        opts: &AttachOptions,
+    ) -> Result<CgroupAttachment> {
+        let cg = CgroupDir::open(path.as_ref())?;
+        if cg.is_root() && !opts.allow_root {
+            return Err(Error::Cgroup {
+                path: cg.path().to_path_buf(),
+                reason: "is the root of the cgroup hierarchy; attaching there affects every \
+                         process on the host, so it needs AttachOptions::allow_root"
+                    .into(),
+            });
+        }
+        let fd = cg.as_fd().as_raw_fd();
+        let target = || format!("cgroup {}", cg.path().display());
+        let mut links: Vec<(&'static str, Link)> = Vec::new();
+        if opts.short_circuit {
+            let l = self
+                .inner
+                .sockops
+                .progs
+                .meshpath_sockops
+                .attach_cgroup(fd)
+                .map_err(|source| Error::Attach {
+                    program: "meshpath_sockops",
+                    target: target(),
+                    source,
+                })?;
+            links.push(("meshpath_sockops", l));
+            let l = self
+                .inner
+                .sockopt
+                .progs
+                .meshpath_setsockopt
+                .attach_cgroup(fd)
+                .map_err(|source| Error::Attach {
+                    program: "meshpath_setsockopt",
+                    target: target(),
+                    source,
+                })?;
+            links.push(("meshpath_setsockopt", l));
+        }
+        Ok(CgroupAttachment::new(self.inner.clone(), cg, links))
+    }
+
+    /// The datapath's counters, summed over CPUs.
+    pub fn counters(&self) -> Result<Counters> {
+        stats::read(&self.inner.maps)
+    }
+
+    /// What the load-time probe found about this kernel.
+    pub fn quirks(&self) -> &KernelQuirks {
+        &self.inner.quirks
+    }
+
+    /// The pin directory, when the maps are pinned.
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.inner.pin_dir.as_deref()
+    }
+
+    /// Turns enrollment of new sockets on or off at run time. Sockets
+    /// already short-circuited stay so until they close.
+    pub fn set_short_circuit(&self, on: bool) -> Result<()> {
+        let mut s = read_settings(&self.inner.maps)?;
+        s.shortcircuit = u8::from(on);
+        write_settings(&self.inner.maps, &s)
+    }
+
+    /// Keeps connections on `port` off the short-circuit (plain TCP, no
+    /// sk_msg cost): for workloads that busy-poll with non-blocking
+    /// reads, which the kernel's sk_msg receive path serves slowly (see
+    /// ARCHITECTURE.md). Applies to connections established from now on.
+    pub fn bypass_port(&self, port: u16, side: PortSide) -> Result<()> {
+        if port == 0 {
+            return Err(Error::invalid("bypass port", "0 is not a port"));
+        }
+        let flags = match side {
+            PortSide::Local => BypassFlags::MP_BYPASS_F_LOCAL.0,
+            PortSide::Remote => BypassFlags::MP_BYPASS_F_REMOTE.0,
+            PortSide::Both => BypassFlags::MP_BYPASS_F_LOCAL.0 | BypassFlags::MP_BYPASS_F_REMOTE.0,
+        };
+        self.inner
+            .maps
+            .typed::<u32, u32>("meshpath_bypass_ports")?
+            .update(&u32::from(port), &flags, || format!("bypass port {port}"))
+    }
+
+    /// Puts `port` back on the short-circuit. Returns whether it was bypassed.
+    pub fn remove_bypass_port(&self, port: u16) -> Result<bool> {
+        self.inner
+            .maps
+            .typed::<u32, u32>("meshpath_bypass_ports")?
+            .delete(&u32::from(port))
+    }
+
+    /// The bypassed ports and their sides.
+    pub fn bypassed_ports(&self) -> Result<Vec<(u16, PortSide)>> {
+        let m = self.inner.maps.typed::<u32, u32>("meshpath_bypass_ports")?;
+        let mut out = Vec::new();
+        for port in m.keys()? {
+            if let Some(f) = m.lookup(&port)? {
+                let l = f & BypassFlags::MP_BYPASS_F_LOCAL.0 != 0;
+                let r = f & BypassFlags::MP_BYPASS_F_REMOTE.0 != 0;
+                let side = match (l, r) {
+                    (true, true) => PortSide::Both,
+                    (true, false) => PortSide::Local,
+                    _ => PortSide::Remote,
+                };
+                out.push((port as u16, side));
+            }
+        }
+        out.sort_by_key(|(p, _)| *p);
+        Ok(out)
+    }
+
+    /// Declares `net` as addresses of workloads on this host in other
+    /// network namespaces, so that connections to them are short-circuited
+    /// (loopback always is).
+    pub fn add_local_net(&self, net: IpNet) -> Result<()> {
+        let key = lpm_key(net);
+        self.inner
+            .maps
+            .typed::<LpmKey, u32>("meshpath_local_nets")?
+            .update(&key, &1, || format!("local net {net}"))
+    }
+
+    /// Removes a prefix added with [`Datapath::add_local_net`].
+    pub fn remove_local_net(&self, net: IpNet) -> Result<bool> {
+        self.inner
+            .maps
+            .typed::<LpmKey, u32>("meshpath_local_nets")?
+            .delete(&lpm_key(net))
+    }
+
+    pub(crate) fn maps(&self) -> &MapSet {
+        &self.inner.maps
+    }
+}
+
+fn lpm_key(net: IpNet) -> LpmKey {
+    LpmKey {
+        prefixlen: net.mapped_prefix_len(),
+        addr: abi::ip_to_words(net.addr()),
+    }
+}
+
+/// How to attach to a cgroup.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct AttachOptions {
+    /// Enroll this cgroup's sockets into the short-circuit (default true).
+    /// False keeps the cgroup's workloads on plain TCP.
+    pub short_circuit: bool,
+    /// Allow attaching to the root of the cgroup hierarchy (default false).
+    pub allow_root: bool,
+}
+
+impl Default for AttachOptions {
+    fn default() -> Self {
+        AttachOptions {
+            short_circuit: true,
+            allow_root: false,
+        }
+    }
+}
+
+impl AttachOptions {
+    /// Sets whether the cgroup's sockets are short-circuited.
+    pub fn short_circuit(mut self, on: bool) -> Self {
+        self.short_circuit = on;
+        self
+    }
+
+    /// Allows the root cgroup.
+    pub fn allow_root(mut self, on: bool) -> Self {
+        self.allow_root = on;
+        self
+    }
+}
+
+pub(crate) fn read_settings(maps: &MapSet) -> Result<Settings> {
+    Ok(maps
+        .typed::<u32, Settings>("meshpath_settings")?
+        .lookup(&0)?
+        .unwrap_or_default())
+}
+
+pub(crate) fn write_settings(maps: &MapSet, s: &Settings) -> Result<()> {
+    maps.typed::<u32, Settings>("meshpath_settings")?
+        .update(&0, s, || "settings".into())
+}
+
+/// Opens one object, wires its maps to the shared set (adopting pins or
+/// sizing new maps), loads it, and adds the maps it created to the set.
+fn load_object<B, O>(
+    object: &'static str,
+    builder: B,
+    maps: &mut MapSet,
+    opts: &DatapathOptions,
+    pin: Option<&Path>,
+) -> Result<Loaded<O::Output>>
+where
+    B: SkelBuilder<'static, Output = O>,
+    O: OpenSkel<'static>,
+    O::Output: Skel<'static>,
+{
+    let loaded = skel::open_and_load(object, builder, |open: &mut O| {
+        for mut m in open.open_object_mut().maps_mut() {
+            let name = m.name().to_string_lossy().into_owned();
+            if !name.starts_with("meshpath_") {
+                continue;
+            }
+            let reuse = |m: &mut libbpf_rs::OpenMapMut<'_>, fd| {
+                m.reuse_fd(fd).map_err(|source| Error::Load {
+                    object,
+                    source,
+                    log: format!("reusing map {name}"),
+                })
+            };
+            if let Some(shared) = maps.get(&name) {
+                reuse(&mut m, shared.fd.as_fd())?;
+                continue;
+            }
+            if let Some(dir) = pin {
+                let path = dir.join(&name);
+                if let Some(fd) = maps::open_pinned(&path)? {
+                    check_pinned(&path, &m, fd.as_fd())?;
+                    reuse(&mut m, fd.as_fd())?;
+                    maps.insert(&name, fd, true)?;
+                    if name == "meshpath_settings" {
+                        check_pinned_version(&path, maps)?;
+                    }
+                    continue;
+                }
+            }
+            if let Some(n) = opts.max_entries_for(&name) {
+                m.set_max_entries(n).map_err(|source| Error::Load {
+                    object,
+                    source,
+                    log: format!("sizing map {name}"),
+                })?;
+            }
+        }
+        Ok(())
+    })?;
+    for m in loaded.object().maps() {
+        let name = m.name().to_string_lossy().into_owned();
+        if !name.starts_with("meshpath_") || maps.get(&name).is_some() {
+            continue;
+        }
+        let fd = m
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| Error::io("duplicating the fd of map", &name, e))?;
+        maps.insert(&name, fd, false)?;
+    }
+    Ok(loaded)
+}
+
+/// A pinned map is reused only when its layout is the one this build uses.
+fn check_pinned(
+    path: &Path,
+    m: &libbpf_rs::OpenMapMut<'_>,
+    fd: std::os::fd::BorrowedFd<'_>,
+) -> Result<()> {
+    let facts = crate::sys::map_facts(fd).map_err(|e| Error::io("reading map info of", path, e))?;
+    let want = (m.map_type() as u32, m.key_size(), m.value_size());
+    let have = (facts.map_type, facts.key_size, facts.value_size);
+    if want != have {
+        return Err(Error::Pinned {
+            path: path.to_path_buf(),
+            reason: format!(
+                "layout (type, key size, value size) is {have:?}, this build of meshpath \
+                 uses {want:?}: the pin comes from an incompatible version; remove it \
+                 (agent --cleanup) or use another pin directory"
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn check_pinned_version(path: &Path, maps: &MapSet) -> Result<()> {
+    let s = read_settings(maps)?;
+    if s.abi_version != 0 && s.abi_version != ABI_VERSION {
+        return Err(Error::Pinned {
+            path: path.to_path_buf(),
+            reason: format!(
+                "written by layout version {}, this build uses {ABI_VERSION}",
+                s.abi_version
+            ),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,127 @@
+//! Per-CPU counters, summed over CPUs.
+
+use crate::abi::CounterId;
+use crate::error::{Error, Result};
+use crate::maps::MapSet;
+use crate::sys;
+
+/// Datapath counters since the maps were created (they survive agent
+/// restarts when the maps are pinned). Every field is a sum over CPUs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Counters {
+    /// Sockets enrolled into the short-circuit.
+    pub sockets_enrolled: u64,
+    /// Enrolled sockets that have since closed.
+    pub sockets_removed: u64,
+    /// Enrollments the kernel refused (map full, no memory).
+    pub enroll_errors: u64,
+    /// Connecting sockets whose peer cannot be on this host.
+    pub skipped_nonlocal: u64,
+    /// Sockets left on TCP because of a bypassed port.
+    pub skipped_bypass: u64,
+    /// Sockets of a family other than IPv4/IPv6.
+    pub skipped_family: u64,
+    /// Messages delivered straight into the peer socket.
+    pub msgs_redirected: u64,
+    /// Bytes delivered straight into the peer socket.
+    pub bytes_redirected: u64,
+    /// Messages of enrolled sockets that took the TCP path.
+    pub msgs_fallback: u64,
+    /// Bytes of enrolled sockets that took the TCP path.
+    pub bytes_fallback: u64,
+    /// Fallbacks because the peer was not enrolled when data was sent.
+    pub fallback_no_peer: u64,
+    /// Fallbacks because the direction had already taken TCP.
+    pub fallback_sticky: u64,
+    /// Fallbacks because the peer asked for TCP (SO_RCVLOWAT).
+    pub fallback_peer_optout: u64,
+    /// Fallbacks because the datapath was draining.
+    pub fallback_draining: u64,
+    /// Fallbacks because the socket had no meshpath state.
+    pub fallback_no_state: u64,
+    /// Fallbacks because TCP carried bytes before enrollment.
+    pub fallback_sent_before: u64,
+    /// Sockets that set SO_RCVLOWAT and were kept on TCP.
+    pub rcvlowat_optouts: u64,
+}
+
+impl Counters {
+    /// Sockets currently in the short-circuit (enrolled minus removed).
+    pub fn sockets_tracked(&self) -> u64 {
+        self.sockets_enrolled.saturating_sub(self.sockets_removed)
+    }
+
+    /// Every counter with a stable snake_case name, for exporters.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, u64)> {
+        [
+            ("sockets_enrolled", self.sockets_enrolled),
+            ("sockets_removed", self.sockets_removed),
+            ("enroll_errors", self.enroll_errors),
+            ("skipped_nonlocal", self.skipped_nonlocal),
+            ("skipped_bypass", self.skipped_bypass),
+            ("skipped_family", self.skipped_family),
+            ("msgs_redirected", self.msgs_redirected),
+            ("bytes_redirected", self.bytes_redirected),
+            ("msgs_fallback", self.msgs_fallback),
+            ("bytes_fallback", self.bytes_fallback),
+            ("fallback_no_peer", self.fallback_no_peer),
+            ("fallback_sticky", self.fallback_sticky),
+            ("fallback_peer_optout", self.fallback_peer_optout),
+            ("fallback_draining", self.fallback_draining),
+            ("fallback_no_state", self.fallback_no_state),
+            ("fallback_sent_before", self.fallback_sent_before),
+            ("rcvlowat_optouts", self.rcvlowat_optouts),
+        ]
+        .into_iter()
+    }
+
+    /// The change from `earlier` to `self` (for measuring one run).
+    pub fn since(&self, earlier: &Counters) -> Counters {
+        let mut out = *self;
+        macro_rules! sub {
+            ($($f:ident),*) => { $( out.$f = self.$f.saturating_sub(earlier.$f); )* };
+        }
+        sub!(
+            sockets_enrolled, sockets_removed, enroll_errors, skipped_nonlocal, skipped_bypass,
+            skipped_family, msgs_redirected, bytes_redirected, msgs_fallback, bytes_fallback,
+            fallback_no_peer, fallback_sticky, fallback_peer_optout, fallback_draining,
+            fallback_no_state, fallback_sent_before, rcvlowat_optouts
+        );
+        out
+    }
+}
+
+pub(crate) fn read(maps: &MapSet) -> Result<Counters> {
+    let m = maps
+        .get("meshpath_counters")
+        .ok_or_else(|| Error::invalid("datapath", "counters map missing"))?;
+    let fd = std::os::fd::AsFd::as_fd(&m.fd);
+    let get = |id: CounterId| -> Result<u64> {
+        let v = sys::lookup_percpu_u64(fd, &id.0).map_err(|source| Error::Map {
+            map: "meshpath_counters",
+            op: "reading a counter",
+            source,
+        })?;
+        Ok(v.iter().copied().fold(0u64, u64::wrapping_add))
+    };
+    Ok(Counters {
+        sockets_enrolled: get(CounterId::MP_C_SOCK_ENROLLED)?,
+        sockets_removed: get(CounterId::MP_C_SOCK_REMOVED)?,
+        enroll_errors: get(CounterId::MP_C_SOCK_ENROLL_ERR)?,
+        skipped_nonlocal: get(CounterId::MP_C_SOCK_SKIP_NONLOCAL)?,
+        skipped_bypass: get(CounterId::MP_C_SOCK_SKIP_BYPASS)?,
+        skipped_family: get(CounterId::MP_C_SOCK_SKIP_FAMILY)?,
+        msgs_redirected: get(CounterId::MP_C_MSG_REDIRECT)?,
+        bytes_redirected: get(CounterId::MP_C_BYTES_REDIRECT)?,
+        msgs_fallback: get(CounterId::MP_C_MSG_FALLBACK)?,
+        bytes_fallback: get(CounterId::MP_C_BYTES_FALLBACK)?,
+        fallback_no_peer: get(CounterId::MP_C_FALLBACK_NO_PEER)?,
+        fallback_sticky: get(CounterId::MP_C_FALLBACK_STICKY)?,
+        fallback_peer_optout: get(CounterId::MP_C_FALLBACK_PEER_OPTOUT)?,
+        fallback_draining: get(CounterId::MP_C_FALLBACK_DRAINING)?,
+        fallback_no_state: get(CounterId::MP_C_FALLBACK_NO_STATE)?,
+        fallback_sent_before: get(CounterId::MP_C_FALLBACK_SENT_BEFORE)?,
+        rcvlowat_optouts: get(CounterId::MP_C_SOCKOPT_OPTOUT)?,
+    })
+}

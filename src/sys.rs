@@ -1,0 +1,152 @@
+//! Thin, errno-preserving wrappers over the bpf(2) map commands.
+//!
+//! libbpf-rs folds errnos into coarse kinds; the library needs the exact
+//! answer (E2BIG means "map full", ENOENT "no such key") to report typed
+//! errors, so map operations go through libbpf's low-level API here.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use plain::Plain;
+
+fn ret(code: i32) -> io::Result<()> {
+    if code < 0 {
+        // libbpf >= 1.0 returns -errno directly.
+        Err(io::Error::from_raw_os_error(-code))
+    } else {
+        Ok(())
+    }
+}
+
+/// Looks up `key`; `Ok(None)` when absent.
+pub(crate) fn lookup<K: Plain, V: Plain + Default>(
+    fd: BorrowedFd<'_>,
+    key: &K,
+) -> io::Result<Option<V>> {
+    let mut value = V::default();
+    // SAFETY: `key` and `value` are valid for the map's key and value
+    // sizes, which the typed wrappers check against the map at open.
+    let r = unsafe {
+        libbpf_sys::bpf_map_lookup_elem(
+            fd.as_raw_fd(),
+            (key as *const K).cast(),
+            (&mut value as *mut V).cast(),
+        )
+    };
+    match ret(r) {
+        Ok(()) => Ok(Some(value)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Looks up `key` in a per-CPU map: one value per possible CPU.
+pub(crate) fn lookup_percpu_u64<K: Plain>(fd: BorrowedFd<'_>, key: &K) -> io::Result<Vec<u64>> {
+    let ncpu = possible_cpus()?;
+    let mut values = vec![0u64; ncpu];
+    // SAFETY: per-CPU values of 8 bytes are laid out one per possible CPU,
+    // which is exactly the buffer's length.
+    let r = unsafe {
+        libbpf_sys::bpf_map_lookup_elem(
+            fd.as_raw_fd(),
+            (key as *const K).cast(),
+            values.as_mut_ptr().cast(),
+        )
+    };
+    ret(r)?;
+    Ok(values)
+}
+
+/// Inserts or replaces `key` according to `flags` (BPF_ANY, BPF_NOEXIST, ...).
+pub(crate) fn update<K: Plain, V: Plain>(
+    fd: BorrowedFd<'_>,
+    key: &K,
+    value: &V,
+    flags: u64,
+) -> io::Result<()> {
+    // SAFETY: pointers to live values of the map's key and value sizes.
+    ret(unsafe {
+        libbpf_sys::bpf_map_update_elem(
+            fd.as_raw_fd(),
+            (key as *const K).cast(),
+            (value as *const V).cast(),
+            flags,
+        )
+    })
+}
+
+/// Deletes `key`; `Ok(false)` when it was absent.
+pub(crate) fn delete<K: Plain>(fd: BorrowedFd<'_>, key: &K) -> io::Result<bool> {
+    // SAFETY: pointer to a live value of the map's key size.
+    let r = unsafe { libbpf_sys::bpf_map_delete_elem(fd.as_raw_fd(), (key as *const K).cast()) };
+    match ret(r) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// All keys of a hash-like map (a snapshot; concurrent changes may be
+/// missed or seen, never duplicated within one walk of a stable map).
+pub(crate) fn keys<K: Plain + Default + Copy>(fd: BorrowedFd<'_>) -> io::Result<Vec<K>> {
+    let mut out = Vec::new();
+    let mut cur: Option<K> = None;
+    loop {
+        let mut next = K::default();
+        let prev_ptr = cur
+            .as_ref()
+            .map_or(std::ptr::null(), |k| (k as *const K).cast());
+        // SAFETY: `prev_ptr` is null or points to a key; `next` has room
+        // for one key.
+        let r = unsafe {
+            libbpf_sys::bpf_map_get_next_key(fd.as_raw_fd(), prev_ptr, (&mut next as *mut K).cast())
+        };
+        match ret(r) {
+            Ok(()) => {
+                out.push(next);
+                cur = Some(next);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Basic facts about a map, read from the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MapFacts {
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub map_flags: u32,
+    pub id: u32,
+}
+
+pub(crate) fn map_facts(fd: BorrowedFd<'_>) -> io::Result<MapFacts> {
+    let mut info = libbpf_sys::bpf_map_info::default();
+    let mut len = std::mem::size_of::<libbpf_sys::bpf_map_info>() as u32;
+    // SAFETY: `info` is a zeroed bpf_map_info and `len` its size.
+    ret(unsafe {
+        libbpf_sys::bpf_map_get_info_by_fd(fd.as_raw_fd(), &mut info, &mut len)
+    })?;
+    Ok(MapFacts {
+        map_type: info.type_,
+        key_size: info.key_size,
+        value_size: info.value_size,
+        max_entries: info.max_entries,
+        map_flags: info.map_flags,
+        id: info.id,
+    })
+}
+
+/// Number of possible CPUs (the stride of per-CPU map values).
+pub(crate) fn possible_cpus() -> io::Result<usize> {
+    // SAFETY: no arguments; returns a count or -errno.
+    let n = unsafe { libbpf_sys::libbpf_num_possible_cpus() };
+    if n < 0 {
+        Err(io::Error::from_raw_os_error(-n))
+    } else {
+        Ok(n as usize)
+    }
+}
