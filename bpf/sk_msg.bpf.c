@@ -4,31 +4,68 @@
  * delivers the message straight into the peer socket's receive queue
  * (redirect with BPF_F_INGRESS), or lets it take the TCP stack.
  *
- * Ordering (see ARCHITECTURE.md, "Never reorder"): the kernel's receive
- * path of an enrolled socket reads its sk_msg queue before its TCP
- * receive queue.  So a direction may move from redirect to TCP at any
- * message boundary (queued redirected bytes are older and read first),
- * but never from TCP to redirect (redirected bytes would overtake TCP
- * bytes not yet read).  The first message decides; a direction that once
- * took TCP stays on TCP.
+ * Ordering (ARCHITECTURE.md, "Never reorder"): the kernel's receive path
+ * of an enrolled socket reads its sk_msg queue before its TCP receive
+ * queue.  So a direction may move from redirect to TCP at any message
+ * boundary (queued redirected bytes are older and read first), but never
+ * from TCP to redirect (redirected bytes would overtake TCP bytes not yet
+ * read).  The first message decides; a direction that once took TCP
+ * stays on TCP.
+ *
+ * Busy-polling peers (ARCHITECTURE.md, "Busy-polling receivers"): a
+ * receiver spinning on recv(MSG_DONTWAIT) holds its socket lock most of
+ * the time; the redirect must take that lock and sleeps, and the spinner
+ * sleeps on the lock the redirect holds: each sleep costs a cross-CPU
+ * wakeup.  When the peer is seen, again and again, holding its lock with
+ * nothing queued, the connection moves to TCP; sockops then takes both
+ * sockets out of the short-circuit once nothing can be lost (see
+ * mp_maybe_evict in sockops.bpf.c), so the connection costs exactly what
+ * plain TCP costs.
  */
 #include "lib/common.h"
+#include "lib/psock.h"
 #include "lib/settings.h"
 #include "lib/sock.h"
 #include "lib/stats.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
+/*
+ * Busy evidence: +4 per send that finds the peer in the spinning pattern
+ * (mp_sock_looks_busy_polled), -1 per send that does not; TCP at
+ * MP_BUSY_THRESHOLD, a few sends into a spinner.  Only peers that also
+ * send to us are scored (request/response): the tail of a streaming
+ * reader's copy looks the same for a moment, and streaming gains from the
+ * short-circuit even when the sender sometimes waits for the reader.
+ */
+#define MP_BUSY_HIT 4
+#define MP_BUSY_THRESHOLD 16
+
 MP_DEFINE_KEY_FROM_CTX(mp_key_from_msg, struct sk_msg_md)
 
-MP_ALWAYS_INLINE int mp_fallback(struct mp_sock_state *st, __u32 size,
+/* This direction takes TCP for good; tell the peer through our index
+ * entry so that it can follow and both can leave the short-circuit. */
+MP_ALWAYS_INLINE void mp_go_tcp(struct mp_sock_state *st,
+				const struct mp_sock_key *key, __u8 reason)
+{
+	struct mp_sock_entry *self;
+
+	st->mode = MP_DIR_TCP;
+	st->reason = reason;
+	if (!key)
+		return;
+	self = bpf_map_lookup_elem(&meshpath_sock_index, key);
+	if (self)
+		__sync_fetch_and_or(&self->flags, MP_SOCK_F_TX_TCP);
+}
+
+MP_ALWAYS_INLINE int mp_fallback(struct mp_sock_state *st,
+				 const struct mp_sock_key *key, __u32 size,
 				 __u32 counter, __u8 reason)
 {
 	if (st) {
-		if (st->mode != MP_DIR_TCP) {
-			st->mode = MP_DIR_TCP;
-			st->reason = reason;
-		}
+		if (st->mode != MP_DIR_TCP)
+			mp_go_tcp(st, key, reason);
 		st->msgs_tcp++;
 		st->bytes_tcp += size;
 	}
@@ -51,38 +88,62 @@ int meshpath_sk_msg(struct sk_msg_md *msg)
 
 	sk = msg->sk;
 	if (!sk)
-		return mp_fallback(NULL, size, MP_C_FALLBACK_NO_STATE,
+		return mp_fallback(NULL, NULL, size, MP_C_FALLBACK_NO_STATE,
 				   MP_REASON_NONE);
 	st = bpf_sk_storage_get(&meshpath_sock_state, sk, 0, 0);
 	if (!st)
-		return mp_fallback(NULL, size, MP_C_FALLBACK_NO_STATE,
+		return mp_fallback(NULL, NULL, size, MP_C_FALLBACK_NO_STATE,
 				   MP_REASON_NONE);
 	if (st->mode == MP_DIR_TCP)
-		return mp_fallback(st, size, MP_C_FALLBACK_STICKY, st->reason);
-
+		return mp_fallback(st, NULL, size, MP_C_FALLBACK_STICKY,
+				   st->reason);
 	cfg = mp_settings();
+	if (!mp_key_from_msg(msg, &key))
+		return mp_fallback(st, NULL, size, MP_C_FALLBACK_NO_STATE,
+				   MP_REASON_NONE);
 	if (!cfg || cfg->draining)
-		return mp_fallback(st, size, MP_C_FALLBACK_DRAINING,
+		return mp_fallback(st, &key, size, MP_C_FALLBACK_DRAINING,
 				   MP_REASON_DRAINING);
 
-	if (!mp_key_from_msg(msg, &key))
-		return mp_fallback(st, size, MP_C_FALLBACK_NO_STATE,
-				   MP_REASON_NONE);
 	mp_peer_key(&key, &peer);
 	entry = bpf_map_lookup_elem(&meshpath_sock_index, &peer);
 	if (!entry)
-		return mp_fallback(st, size, MP_C_FALLBACK_NO_PEER,
+		return mp_fallback(st, &key, size, MP_C_FALLBACK_NO_PEER,
 				   MP_REASON_NO_PEER);
 	if (entry->flags & MP_SOCK_F_NO_REDIRECT)
-		return mp_fallback(st, size, MP_C_FALLBACK_PEER_OPTOUT,
+		return mp_fallback(st, &key, size, MP_C_FALLBACK_PEER_OPTOUT,
 				   MP_REASON_PEER_OPTOUT);
+	if (entry->flags & MP_SOCK_F_TX_TCP)
+		return mp_fallback(st, &key, size, MP_C_FALLBACK_PEER_TCP,
+				   MP_REASON_PEER_TCP);
+
+	if (cfg->busy_detect && entry->kaddr &&
+	    (entry->flags & MP_SOCK_F_TX_REDIRECT)) {
+		if (mp_sock_looks_busy_polled(entry->kaddr)) {
+			if (st->busy_score >= MP_BUSY_THRESHOLD - MP_BUSY_HIT)
+				return mp_fallback(st, &key, size,
+						   MP_C_FALLBACK_PEER_BUSY,
+						   MP_REASON_PEER_BUSY);
+			st->busy_score += MP_BUSY_HIT;
+		} else if (st->busy_score) {
+			st->busy_score--;
+		}
+	}
 
 	if (bpf_msg_redirect_hash(msg, &meshpath_sockets, &peer,
 				  BPF_F_INGRESS) != SK_PASS)
-		return mp_fallback(st, size, MP_C_FALLBACK_NO_PEER,
+		return mp_fallback(st, &key, size, MP_C_FALLBACK_NO_PEER,
 				   MP_REASON_NO_PEER);
 
-	st->mode = MP_DIR_REDIRECT;
+	if (st->mode != MP_DIR_REDIRECT) {
+		struct mp_sock_entry *self;
+
+		st->mode = MP_DIR_REDIRECT;
+		self = bpf_map_lookup_elem(&meshpath_sock_index, &key);
+		if (self)
+			__sync_fetch_and_or(&self->flags,
+					    MP_SOCK_F_TX_REDIRECT);
+	}
 	st->msgs_redir++;
 	st->bytes_redir += size;
 	mp_count(MP_C_MSG_REDIRECT);

@@ -12,8 +12,16 @@
  *    first.  Both ends enrolled or neither: no socket pays the sk_msg
  *    cost for a connection that cannot be short-circuited from its side;
  *  - ports in meshpath_bypass_ports stay on plain TCP.
+ *
+ * Leaving (ARCHITECTURE.md, "Leaving the short-circuit"): a connection
+ * whose directions went TCP (sk_msg decides) leaves the SOCKHASH here,
+ * socket by socket, so that it costs what plain TCP costs.  sk_msg
+ * programs may not delete from a SOCKHASH; sockops may.  The RTT and
+ * header-option callbacks run only when TCP segments flow, which a
+ * redirected connection never does, so they cost nothing until then.
  */
 #include "lib/common.h"
+#include "lib/psock.h"
 #include "lib/settings.h"
 #include "lib/sock.h"
 #include "lib/stats.h"
@@ -21,6 +29,10 @@
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 MP_DEFINE_KEY_FROM_CTX(mp_key_from_sockops, struct bpf_sock_ops)
+
+/* Callbacks that fire only when TCP segments flow on the socket. */
+#define MP_EVICT_CB_FLAGS                                                      \
+	(BPF_SOCK_OPS_RTT_CB_FLAG | BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG)
 
 MP_ALWAYS_INLINE bool mp_port_bypassed(const struct mp_sock_key *k)
 {
@@ -101,6 +113,7 @@ MP_ALWAYS_INLINE void mp_enroll(struct bpf_sock_ops *skops, bool active)
 	}
 
 	entry.cookie = st->cookie;
+	entry.kaddr = (__u64)(unsigned long)sk;
 	tp = bpf_skc_to_tcp_sock(sk);
 	if (tp && cfg->optout_rcvlowat &&
 	    tp->inet_conn.icsk_inet.sk.sk_rcvlowat > 1) {
@@ -121,8 +134,70 @@ MP_ALWAYS_INLINE void mp_enroll(struct bpf_sock_ops *skops, bool active)
 	}
 	st->enrolled = 1;
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
-						 BPF_SOCK_OPS_STATE_CB_FLAG);
+						 BPF_SOCK_OPS_STATE_CB_FLAG |
+						 MP_EVICT_CB_FLAGS);
 	mp_count(MP_C_SOCK_ENROLLED);
+}
+
+/*
+ * Leaves the SOCKHASH when nothing can be lost or reordered by it.
+ * Leaving frees the socket's sk_msg queue and restores its TCP callbacks:
+ *  - the connection is moving to TCP: this socket's sends or the peer's
+ *    take TCP for good (or the peer is not enrolled at all);
+ *  - its own sk_msg queue is empty;
+ *  - the peer can never again redirect into it: the peer is not in the
+ *    index, or its sends take TCP for good and no call of the peer's is in
+ *    flight (psock refcnt: 1 for the map link; an evicted peer must have no
+ *    psock left at all), so no redirect decided before it switched is
+ *    still being delivered.
+ * Our sends taking TCP afterwards is always safe: whatever we redirected
+ * earlier sits in the peer's sk_msg queue, which the kernel reads first.
+ */
+MP_ALWAYS_INLINE void mp_maybe_evict(struct bpf_sock_ops *skops)
+{
+	struct mp_sock_key key = {}, peer = {};
+	struct mp_sock_entry *self, *pe;
+	struct mp_psock_view v;
+	struct mp_sock_state *st;
+	struct bpf_sock *sk = skops->sk;
+
+	if (!sk)
+		return;
+	st = bpf_sk_storage_get(&meshpath_sock_state, sk, 0, 0);
+	if (!st || !st->enrolled || st->evicted)
+		return;
+	if (!mp_key_from_sockops(skops, &key))
+		return;
+	self = bpf_map_lookup_elem(&meshpath_sock_index, &key);
+	if (!self)
+		return;
+	mp_peer_key(&key, &peer);
+	pe = bpf_map_lookup_elem(&meshpath_sock_index, &peer);
+	if (pe && !(pe->flags & MP_SOCK_F_TX_TCP) && st->mode != MP_DIR_TCP)
+		return; /* a short-circuited connection: stay */
+	if (!mp_psock_view(self->kaddr).queue_empty)
+		return;
+	if (pe) {
+		if (!(pe->flags & MP_SOCK_F_TX_TCP))
+			return;
+		v = mp_psock_view(pe->kaddr);
+		if (pe->flags & MP_SOCK_F_EVICTED) {
+			if (v.present)
+				return;
+		} else if (v.present && v.refcnt > 1) {
+			return;
+		}
+	}
+	__sync_fetch_and_or(&self->flags, MP_SOCK_F_TX_TCP | MP_SOCK_F_EVICTED);
+	if (st->mode != MP_DIR_TCP) {
+		st->mode = MP_DIR_TCP;
+		st->reason = MP_REASON_PEER_TCP;
+	}
+	bpf_map_delete_elem(&meshpath_sockets, &key);
+	st->evicted = 1;
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags &
+						 ~MP_EVICT_CB_FLAGS);
+	mp_count(MP_C_SOCK_EVICTED);
 }
 
 MP_ALWAYS_INLINE void mp_forget(struct bpf_sock_ops *skops)
@@ -139,7 +214,9 @@ MP_ALWAYS_INLINE void mp_forget(struct bpf_sock_ops *skops)
 	st->enrolled = 0;
 	if (mp_key_from_sockops(skops, &key))
 		bpf_map_delete_elem(&meshpath_sock_index, &key);
-	mp_count(MP_C_SOCK_REMOVED);
+	/* An evicted socket was already counted when it left. */
+	if (!st->evicted)
+		mp_count(MP_C_SOCK_REMOVED);
 }
 
 SEC("sockops")
@@ -151,6 +228,10 @@ int meshpath_sockops(struct bpf_sock_ops *skops)
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		mp_enroll(skops, false);
+		break;
+	case BPF_SOCK_OPS_RTT_CB:
+	case BPF_SOCK_OPS_PARSE_HDR_OPT_CB:
+		mp_maybe_evict(skops);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
 		if (skops->args[1] == BPF_TCP_CLOSE)

@@ -48,6 +48,10 @@ pub struct DatapathOptions {
     /// Check at load that readiness (poll/epoll, FIONREAD) works on
     /// short-circuited sockets with this kernel (default true).
     pub probe_quirks: bool,
+    /// Move connections whose receiver busy-polls (spins on non-blocking
+    /// reads) to plain TCP, where this kernel serves them faster (default
+    /// true; see ARCHITECTURE.md, "Busy-polling receivers").
+    pub busy_poll_detect: bool,
 }
 
 impl Default for DatapathOptions {
@@ -58,6 +62,7 @@ impl Default for DatapathOptions {
             short_circuit: true,
             rcvlowat_optout: true,
             probe_quirks: true,
+            busy_poll_detect: true,
         }
     }
 }
@@ -78,6 +83,12 @@ impl DatapathOptions {
     /// Turns the short-circuit on or off.
     pub fn short_circuit(mut self, on: bool) -> Self {
         self.short_circuit = on;
+        self
+    }
+
+    /// Turns busy-polling detection on or off.
+    pub fn busy_poll_detect(mut self, on: bool) -> Self {
+        self.busy_poll_detect = on;
         self
     }
 
@@ -188,6 +199,7 @@ impl Datapath {
                 draining: 0,
                 shortcircuit: u8::from(opts.short_circuit),
                 optout_rcvlowat: u8::from(opts.rcvlowat_optout),
+                busy_detect: u8::from(opts.busy_poll_detect),
                 ..Default::default()
             },
         )?;
@@ -522,4 +534,10 @@ fn check_pinned_version(path: &Path, maps: &MapSet) -> Result<()> {
         });
     }
     Ok(())
+}
+
+#[doc(hidden)]
+impl Datapath {
+    pub fn settings_for_test(&self) -> Result<Settings> { read_settings(&self.inner.maps) }
+    pub fn write_settings_for_test(&self, s: &Settings) -> Result<()> { write_settings(&self.inner.maps, s) }
 }

@@ -44,12 +44,23 @@ pub struct Counters {
     pub fallback_sent_before: u64,
     /// Sockets that set SO_RCVLOWAT and were kept on TCP.
     pub rcvlowat_optouts: u64,
+    /// Fallbacks because the peer's socket lock was held (a receiver
+    /// busy-polling with non-blocking reads).
+    pub fallback_peer_busy: u64,
+    /// Fallbacks because the peer's direction had gone TCP.
+    pub fallback_peer_tcp: u64,
+    /// Sockets that left the short-circuit before closing (both
+    /// directions on TCP, queues empty).
+    pub sockets_evicted: u64,
 }
 
 impl Counters {
-    /// Sockets currently in the short-circuit (enrolled minus removed).
+    /// Sockets currently in the short-circuit (enrolled minus those that
+    /// closed or were evicted).
     pub fn sockets_tracked(&self) -> u64 {
-        self.sockets_enrolled.saturating_sub(self.sockets_removed)
+        self.sockets_enrolled
+            .saturating_sub(self.sockets_removed)
+            .saturating_sub(self.sockets_evicted)
     }
 
     /// Every counter with a stable snake_case name, for exporters.
@@ -72,6 +83,9 @@ impl Counters {
             ("fallback_no_state", self.fallback_no_state),
             ("fallback_sent_before", self.fallback_sent_before),
             ("rcvlowat_optouts", self.rcvlowat_optouts),
+            ("fallback_peer_busy", self.fallback_peer_busy),
+            ("fallback_peer_tcp", self.fallback_peer_tcp),
+            ("sockets_evicted", self.sockets_evicted),
         ]
         .into_iter()
     }
@@ -86,7 +100,8 @@ impl Counters {
             sockets_enrolled, sockets_removed, enroll_errors, skipped_nonlocal, skipped_bypass,
             skipped_family, msgs_redirected, bytes_redirected, msgs_fallback, bytes_fallback,
             fallback_no_peer, fallback_sticky, fallback_peer_optout, fallback_draining,
-            fallback_no_state, fallback_sent_before, rcvlowat_optouts
+            fallback_no_state, fallback_sent_before, rcvlowat_optouts, fallback_peer_busy,
+            fallback_peer_tcp, sockets_evicted
         );
         out
     }
@@ -123,5 +138,8 @@ pub(crate) fn read(maps: &MapSet) -> Result<Counters> {
         fallback_no_state: get(CounterId::MP_C_FALLBACK_NO_STATE)?,
         fallback_sent_before: get(CounterId::MP_C_FALLBACK_SENT_BEFORE)?,
         rcvlowat_optouts: get(CounterId::MP_C_SOCKOPT_OPTOUT)?,
+        fallback_peer_busy: get(CounterId::MP_C_FALLBACK_PEER_BUSY)?,
+        fallback_peer_tcp: get(CounterId::MP_C_FALLBACK_PEER_TCP)?,
+        sockets_evicted: get(CounterId::MP_C_SOCK_EVICTED)?,
     })
 }

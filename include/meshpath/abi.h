@@ -72,6 +72,8 @@ enum mp_sock_reason {
 	MP_REASON_DRAINING = 4,      /* datapath is shutting down */
 	MP_REASON_SENT_BEFORE = 5,   /* bytes went via TCP before enrollment */
 	MP_REASON_REDIRECT_ERR = 6,  /* kernel refused the redirect */
+	MP_REASON_PEER_BUSY = 7,     /* peer's lock held: it busy-polls */
+	MP_REASON_PEER_TCP = 8,      /* peer's direction went TCP: follow it */
 };
 
 /* Value of meshpath_sock_state (SK_STORAGE): per-socket state. */
@@ -81,11 +83,13 @@ struct mp_sock_state {
 	__u64 bytes_redir;   /* bytes redirected into the peer */
 	__u64 msgs_tcp;      /* messages that took the TCP path */
 	__u64 bytes_tcp;     /* bytes that took the TCP path */
-	__u8 enrolled;       /* 1 while in meshpath_sockets */
+	__u8 enrolled;       /* 1 from enrollment until TCP_CLOSE */
 	__u8 mode;           /* enum mp_dir_mode */
 	__u8 reason;         /* enum mp_sock_reason, why mode is TCP */
+	__u8 busy_score;     /* evidence that the peer busy-polls, see sk_msg */
+	__u8 evicted;        /* 1 once it left meshpath_sockets before closing */
 	__u8 pad0;
-	__u32 pad1;
+	__u16 pad1;
 };
 
 /*
@@ -95,6 +99,10 @@ struct mp_sock_state {
  */
 struct mp_sock_entry {
 	__u64 cookie; /* socket cookie of the enrolled socket */
+	/* Kernel address of the socket, read (never written) by the peer's
+	 * sk_msg program to see whether the socket's lock is held right
+	 * now.  Not a reference: only valid while the entry exists. */
+	__u64 kaddr;
 	__u32 flags;  /* MP_SOCK_F_* */
 	__u32 pad;
 };
@@ -102,6 +110,9 @@ struct mp_sock_entry {
 /* Bits of mp_sock_entry.flags: what a socket asks of its peers. */
 enum mp_sock_flags {
 	MP_SOCK_F_NO_REDIRECT = 1 << 0, /* deliver to me through TCP */
+	MP_SOCK_F_TX_TCP = 1 << 1,      /* my sends take TCP for good */
+	MP_SOCK_F_EVICTED = 1 << 2,     /* I left meshpath_sockets */
+	MP_SOCK_F_TX_REDIRECT = 1 << 3, /* my sends have been redirected */
 };
 
 /* Key of meshpath_local_nets (LPM_TRIE): addresses whose sockets are on
@@ -124,7 +135,7 @@ enum mp_bypass_flags {
  * ------------------------------------------------------------------- */
 enum mp_counter {
 	MP_C_SOCK_ENROLLED = 0,      /* sockets added to meshpath_sockets */
-	MP_C_SOCK_REMOVED,           /* enrolled sockets that reached TCP_CLOSE */
+	MP_C_SOCK_REMOVED,           /* enrolled, not evicted, reached TCP_CLOSE */
 	MP_C_SOCK_ENROLL_ERR,        /* sock_hash_update failed */
 	MP_C_SOCK_SKIP_NONLOCAL,     /* peer address not local: not enrolled */
 	MP_C_SOCK_SKIP_BYPASS,       /* port in meshpath_bypass_ports */
@@ -140,6 +151,9 @@ enum mp_counter {
 	MP_C_FALLBACK_NO_STATE,      /* ... because socket state was missing */
 	MP_C_FALLBACK_SENT_BEFORE,   /* ... because TCP carried bytes first */
 	MP_C_SOCKOPT_OPTOUT,         /* sockets that opted out (SO_RCVLOWAT) */
+	MP_C_FALLBACK_PEER_BUSY,     /* ... because the peer busy-polls */
+	MP_C_FALLBACK_PEER_TCP,      /* ... because the peer went TCP */
+	MP_C_SOCK_EVICTED,           /* sockets that left the map, both ways TCP */
 	MP_C_MAX,
 };
 
@@ -152,7 +166,7 @@ struct mp_settings {
 	__u8 draining;       /* 1: stop redirecting, let queues empty */
 	__u8 shortcircuit;   /* 1: enroll sockets (0 keeps all on TCP) */
 	__u8 optout_rcvlowat;/* 1: SO_RCVLOWAT > 1 keeps a socket on TCP */
-	__u8 pad0;
+	__u8 busy_detect;    /* 1: a peer whose lock is held gets TCP */
 	__u64 pad1;
 };
 
