@@ -69,6 +69,8 @@ fn run() -> Result<()> {
         let skel = out.join(format!("{name}.skel.rs"));
         SkeletonBuilder::new()
             .source(src)
+            // Kept so tests can read each object's BTF (tests/abi_layout.rs).
+            .obj(out.join(format!("{name}.bpf.o")))
             .clang(&clang)
             .clang_args([
                 "-I".as_ref(),
@@ -88,6 +90,7 @@ fn run() -> Result<()> {
         ));
     }
     fs::write(out.join("skeletons.rs"), index)?;
+    println!("cargo:rustc-env=MESHPATH_BPF_OBJ_DIR={}", out.display());
     Ok(())
 }
 

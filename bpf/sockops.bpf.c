@@ -107,6 +107,7 @@ MP_ALWAYS_INLINE void mp_enroll(struct bpf_sock_ops *skops, bool active)
 	if (skops->data_segs_out > 0) {
 		st->mode = MP_DIR_TCP;
 		st->reason = MP_REASON_SENT_BEFORE;
+		mp_count(MP_C_FALLBACK_SENT_BEFORE);
 	} else {
 		st->mode = MP_DIR_UNDECIDED;
 		st->reason = MP_REASON_NONE;
@@ -195,6 +196,13 @@ MP_ALWAYS_INLINE void mp_maybe_evict(struct bpf_sock_ops *skops)
 	}
 	bpf_map_delete_elem(&meshpath_sockets, &key);
 	st->evicted = 1;
+	/* Our entry only serves the peer's own decision to leave; once the
+	 * peer is gone or has left too, neither entry is needed. */
+	if (!pe || (pe->flags & MP_SOCK_F_EVICTED)) {
+		bpf_map_delete_elem(&meshpath_sock_index, &key);
+		if (pe)
+			bpf_map_delete_elem(&meshpath_sock_index, &peer);
+	}
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags &
 						 ~MP_EVICT_CB_FLAGS);
 	mp_count(MP_C_SOCK_EVICTED);
@@ -202,7 +210,8 @@ MP_ALWAYS_INLINE void mp_maybe_evict(struct bpf_sock_ops *skops)
 
 MP_ALWAYS_INLINE void mp_forget(struct bpf_sock_ops *skops)
 {
-	struct mp_sock_key key = {};
+	struct mp_sock_key key = {}, peer = {};
+	struct mp_sock_entry *pe;
 	struct mp_sock_state *st;
 	struct bpf_sock *sk = skops->sk;
 
@@ -212,8 +221,14 @@ MP_ALWAYS_INLINE void mp_forget(struct bpf_sock_ops *skops)
 	if (!st || !st->enrolled)
 		return;
 	st->enrolled = 0;
-	if (mp_key_from_sockops(skops, &key))
+	if (mp_key_from_sockops(skops, &key)) {
 		bpf_map_delete_elem(&meshpath_sock_index, &key);
+		/* An evicted peer's entry was kept for our decision only. */
+		mp_peer_key(&key, &peer);
+		pe = bpf_map_lookup_elem(&meshpath_sock_index, &peer);
+		if (pe && (pe->flags & MP_SOCK_F_EVICTED))
+			bpf_map_delete_elem(&meshpath_sock_index, &peer);
+	}
 	/* An evicted socket was already counted when it left. */
 	if (!st->evicted)
 		mp_count(MP_C_SOCK_REMOVED);

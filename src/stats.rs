@@ -40,7 +40,8 @@ pub struct Counters {
     pub fallback_draining: u64,
     /// Fallbacks because the socket had no meshpath state.
     pub fallback_no_state: u64,
-    /// Fallbacks because TCP carried bytes before enrollment.
+    /// Sockets kept on TCP because bytes went through TCP before they
+    /// were enrolled (TCP Fast Open data).
     pub fallback_sent_before: u64,
     /// Sockets that set SO_RCVLOWAT and were kept on TCP.
     pub rcvlowat_optouts: u64,

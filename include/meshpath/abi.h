@@ -149,7 +149,7 @@ enum mp_counter {
 	MP_C_FALLBACK_PEER_OPTOUT,   /* ... because the peer opted out */
 	MP_C_FALLBACK_DRAINING,      /* ... because the datapath is draining */
 	MP_C_FALLBACK_NO_STATE,      /* ... because socket state was missing */
-	MP_C_FALLBACK_SENT_BEFORE,   /* ... because TCP carried bytes first */
+	MP_C_FALLBACK_SENT_BEFORE,   /* sockets kept on TCP: bytes went first */
 	MP_C_SOCKOPT_OPTOUT,         /* sockets that opted out (SO_RCVLOWAT) */
 	MP_C_FALLBACK_PEER_BUSY,     /* ... because the peer busy-polls */
 	MP_C_FALLBACK_PEER_TCP,      /* ... because the peer went TCP */

@@ -6,6 +6,11 @@ use crate::abi::{SockEntry, SockFlags, SockKey};
 use crate::datapath::Datapath;
 use crate::error::Result;
 
+fn key_bytes(k: &SockKey) -> Vec<u8> {
+    // SAFETY: SockKey is Plain (abi.rs): any byte view of it is valid.
+    unsafe { plain::as_bytes(k) }.to_vec()
+}
+
 /// One socket in the short-circuit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -39,6 +44,41 @@ impl Datapath {
             }
         }
         Ok(out)
+    }
+
+    /// Removes index entries whose socket has left the short-circuit
+    /// without telling sockops: sockets of a cgroup that was detached
+    /// before they closed get no TCP_CLOSE callback. Returns how many
+    /// entries were removed. Cheap (two map walks); an agent runs it
+    /// periodically and after detaching.
+    ///
+    /// An entry is stale when its socket is not in the SOCKHASH and it is
+    /// either not an evicted socket's, or its peer's entry is gone too
+    /// (an evicted socket's entry only serves its peer's own decision to
+    /// leave). Removing an entry never changes a live connection's bytes:
+    /// a peer that finds no entry sends through TCP.
+    pub fn sweep_stale(&self) -> Result<usize> {
+        let index = self.maps().typed::<SockKey, SockEntry>("meshpath_sock_index")?;
+        let sockets = self.maps().typed::<SockKey, u64>("meshpath_sockets")?;
+        let live: std::collections::HashSet<Vec<u8>> =
+            sockets.keys()?.iter().map(key_bytes).collect();
+        let keys = index.keys()?;
+        let present: std::collections::HashSet<Vec<u8>> = keys.iter().map(key_bytes).collect();
+        let mut removed = 0;
+        for key in keys {
+            if live.contains(&key_bytes(&key)) {
+                continue;
+            }
+            let Some(e) = index.lookup(&key)? else { continue };
+            let evicted = e.flags & SockFlags::MP_SOCK_F_EVICTED.0 != 0;
+            if evicted && present.contains(&key_bytes(&key.peer())) {
+                continue;
+            }
+            if index.delete(&key)? {
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     /// Number of sockets in the SOCKHASH itself (what the kernel redirects

@@ -1,0 +1,121 @@
+//! The C/Rust boundary, checked without privileges: every object's BTF
+//! agrees with the Rust types generated from it, and no struct shared with
+//! Rust has an implicit hole (hash keys must never carry uninitialised
+//! bytes). Cilium's alignchecker idea, on meshpath's own objects.
+
+use std::collections::BTreeMap;
+use std::mem::{offset_of, size_of};
+use std::path::PathBuf;
+
+use libbpf_rs::btf::types::{MemberAttr, Struct};
+use libbpf_rs::btf::Btf;
+use libbpf_rs::{AsRawLibbpf, HasSize};
+use meshpath::abi::{LpmKey, Settings, SockEntry, SockKey, SockState};
+
+fn objects() -> Vec<PathBuf> {
+    let dir = PathBuf::from(env!("MESHPATH_BPF_OBJ_DIR"));
+    let mut out: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.to_string_lossy().ends_with(".bpf.o"))
+        .collect();
+    out.sort();
+    assert!(out.len() >= 3, "expected the compiled objects in {}", dir.display());
+    out
+}
+
+/// (name, offset in bytes, size in bytes) of each member, in BTF order.
+fn layout(btf: &Btf<'_>, name: &str) -> Option<(usize, Vec<(String, usize, usize)>)> {
+    let s: Struct<'_> = btf.type_by_name(name)?;
+    let size = s.size();
+    let mut members = Vec::new();
+    for m in s.iter() {
+        let off_bits = match m.attr {
+            MemberAttr::Normal { offset } => offset,
+            MemberAttr::BitField { .. } => panic!("{name} has a bitfield: not allowed in the ABI"),
+        };
+        assert_eq!(off_bits % 8, 0, "{name}: member not byte aligned");
+        // SAFETY: the raw btf pointer is valid for the life of `btf`.
+        let msize = unsafe { libbpf_sys::btf__resolve_size(btf.as_libbpf_object().as_ptr(), m.ty.into()) };
+        assert!(msize > 0, "{name}: cannot size a member");
+        let mname = m.name.map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        members.push((mname, off_bits as usize / 8, msize as usize));
+    }
+    Some((size, members))
+}
+
+macro_rules! rust_layout {
+    ($t:ty, [$($f:ident),* $(,)?]) => {{
+        let mut m = BTreeMap::new();
+        $( m.insert(stringify!($f).to_string(), offset_of!($t, $f)); )*
+        (size_of::<$t>(), m)
+    }};
+}
+
+fn check(c_name: &str, rust: (usize, BTreeMap<String, usize>)) {
+    let mut seen = 0;
+    for obj in objects() {
+        let btf = Btf::from_path(&obj).unwrap_or_else(|e| panic!("BTF of {}: {e}", obj.display()));
+        let Some((size, members)) = layout(&btf, c_name) else { continue };
+        seen += 1;
+        let o = obj.file_name().unwrap().to_string_lossy();
+        assert_eq!(size, rust.0, "{c_name} in {o}: C size {size}, Rust size {}", rust.0);
+        // No implicit padding: members tile the struct exactly.
+        let mut end = 0;
+        for (name, off, msize) in &members {
+            assert_eq!(*off, end, "{c_name} in {o}: implicit hole before `{name}` ({end}..{off})");
+            end = off + msize;
+            let r = rust.1.get(name).unwrap_or_else(|| panic!("{c_name}.{name} missing in Rust"));
+            assert_eq!(r, off, "{c_name}.{name} in {o}: C offset {off}, Rust offset {r}");
+        }
+        assert_eq!(end, size, "{c_name} in {o}: implicit tail padding ({end}..{size})");
+        assert_eq!(members.len(), rust.1.len(), "{c_name} in {o}: member count differs");
+    }
+    assert!(seen > 0, "{c_name} is in no object's BTF");
+}
+
+#[test]
+fn sock_key_layout() {
+    check("mp_sock_key", rust_layout!(SockKey, [local_ip, remote_ip, local_port, remote_port, netns]));
+}
+
+#[test]
+fn sock_entry_layout() {
+    check("mp_sock_entry", rust_layout!(SockEntry, [cookie, kaddr, flags, pad]));
+}
+
+#[test]
+fn sock_state_layout() {
+    check(
+        "mp_sock_state",
+        rust_layout!(
+            SockState,
+            [cookie, msgs_redir, bytes_redir, msgs_tcp, bytes_tcp, enrolled, mode, reason, busy_score, evicted, pad0, pad1]
+        ),
+    );
+}
+
+#[test]
+fn settings_layout() {
+    check(
+        "mp_settings",
+        rust_layout!(Settings, [abi_version, draining, shortcircuit, optout_rcvlowat, busy_detect, pad1]),
+    );
+}
+
+#[test]
+fn lpm_key_layout() {
+    check("mp_lpm_key", rust_layout!(LpmKey, [prefixlen, addr]));
+}
+
+#[test]
+fn every_object_carries_the_same_abi_version() {
+    for obj in objects() {
+        let btf = Btf::from_path(&obj).unwrap();
+        let e: libbpf_rs::btf::types::Enum<'_> = btf
+            .type_by_name("mp_abi")
+            .unwrap_or_else(|| panic!("mp_abi missing in {}", obj.display()));
+        let v = e.iter().next().expect("MP_ABI_VERSION").value;
+        assert_eq!(v as u32, meshpath::abi::ABI_VERSION, "{}", obj.display());
+    }
+}
