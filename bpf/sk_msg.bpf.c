@@ -38,7 +38,7 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
  * reader's copy looks the same for a moment, and streaming gains from the
  * short-circuit even when the sender sometimes waits for the reader.
  */
-#define MP_BUSY_HIT 4
+#define MP_BUSY_HIT	  4
 #define MP_BUSY_THRESHOLD 16
 
 MP_DEFINE_KEY_FROM_CTX(mp_key_from_msg, struct sk_msg_md)

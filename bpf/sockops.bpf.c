@@ -48,7 +48,7 @@ MP_ALWAYS_INLINE bool mp_port_bypassed(const struct mp_sock_key *k)
 
 MP_ALWAYS_INLINE bool mp_peer_may_be_local(const struct mp_sock_key *k)
 {
-	struct mp_lpm_key lpm = { .prefixlen = 128 };
+	struct mp_lpm_key lpm = {.prefixlen = 128};
 
 	if (mp_ip_is_loopback(k->remote_ip))
 		return true;
@@ -135,8 +135,8 @@ MP_ALWAYS_INLINE void mp_enroll(struct bpf_sock_ops *skops, bool active)
 	}
 	st->enrolled = 1;
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
-						 BPF_SOCK_OPS_STATE_CB_FLAG |
-						 MP_EVICT_CB_FLAGS);
+					     BPF_SOCK_OPS_STATE_CB_FLAG |
+					     MP_EVICT_CB_FLAGS);
 	mp_count(MP_C_SOCK_ENROLLED);
 }
 
@@ -204,7 +204,7 @@ MP_ALWAYS_INLINE void mp_maybe_evict(struct bpf_sock_ops *skops)
 			bpf_map_delete_elem(&meshpath_sock_index, &peer);
 	}
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags &
-						 ~MP_EVICT_CB_FLAGS);
+					     ~MP_EVICT_CB_FLAGS);
 	mp_count(MP_C_SOCK_EVICTED);
 }
 

@@ -11,10 +11,10 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use crate::skel::sockops::types;
 
 pub use types::{
-    mp_abi as Abi, mp_bypass_flags as BypassFlags, mp_counter as CounterId,
-    mp_dir_mode as DirMode, mp_lpm_key as LpmKey, mp_settings as Settings,
-    mp_sock_entry as SockEntry, mp_sock_flags as SockFlags, mp_sock_key as SockKey,
-    mp_sock_reason as SockReason, mp_sock_state as SockState,
+    mp_abi as Abi, mp_bypass_flags as BypassFlags, mp_counter as CounterId, mp_dir_mode as DirMode,
+    mp_lpm_key as LpmKey, mp_settings as Settings, mp_sock_entry as SockEntry,
+    mp_sock_flags as SockFlags, mp_sock_key as SockKey, mp_sock_reason as SockReason,
+    mp_sock_state as SockState,
 };
 
 /// The layout version this build of the library writes and accepts.
@@ -66,7 +66,9 @@ pub(crate) fn words_to_ip(w: [u32; 4]) -> IpAddr {
 pub(crate) fn is_loopback(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => v4.is_loopback(),
-        IpAddr::V6(v6) => v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
     }
 }
 
@@ -151,7 +153,11 @@ mod tests {
         assert_eq!(bytes(&k.peer().peer()), bytes(&k));
         assert_eq!(k.local(), a);
         assert_eq!(k.remote(), b);
-        let far = SockKey::new("198.18.0.1:1".parse().unwrap(), "198.18.0.2:2".parse().unwrap(), 42);
+        let far = SockKey::new(
+            "198.18.0.1:1".parse().unwrap(),
+            "198.18.0.2:2".parse().unwrap(),
+            42,
+        );
         assert_eq!(far.netns, 0, "non-loopback keys ignore the namespace");
     }
 }

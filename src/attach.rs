@@ -32,7 +32,11 @@ impl std::fmt::Debug for CgroupAttachment {
 }
 
 impl CgroupAttachment {
-    pub(crate) fn new(datapath: Arc<Inner>, cgroup: CgroupDir, links: Vec<(&'static str, Link)>) -> Self {
+    pub(crate) fn new(
+        datapath: Arc<Inner>,
+        cgroup: CgroupDir,
+        links: Vec<(&'static str, Link)>,
+    ) -> Self {
         CgroupAttachment {
             links,
             cgroup,
@@ -73,7 +77,11 @@ impl CgroupAttachment {
 /// guard detaches on drop (libbpf-rs's `attach_sockmap` returns none).
 pub(crate) enum SockmapAttachment {
     Link(#[allow(dead_code)] Link),
-    Legacy { prog: OwnedFd, map: OwnedFd, attach_type: u32 },
+    Legacy {
+        prog: OwnedFd,
+        map: OwnedFd,
+        attach_type: u32,
+    },
 }
 
 impl SockmapAttachment {
@@ -81,7 +89,10 @@ impl SockmapAttachment {
         // SAFETY: the program pointer comes from a loaded libbpf object
         // that outlives this call; `map` is a live map fd.
         let ptr = unsafe {
-            libbpf_sys::bpf_program__attach_sockmap(prog.as_libbpf_object().as_ptr(), map.as_raw_fd())
+            libbpf_sys::bpf_program__attach_sockmap(
+                prog.as_libbpf_object().as_ptr(),
+                map.as_raw_fd(),
+            )
         };
         if let Some(ptr) = NonNull::new(ptr) {
             // SAFETY: a non-null link pointer freshly returned by libbpf,

@@ -100,11 +100,14 @@ impl CgroupDir {
         }
         let fd = nix::fcntl::open(
             &path,
-            nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::fcntl::OFlag::O_RDONLY
+                | nix::fcntl::OFlag::O_DIRECTORY
+                | nix::fcntl::OFlag::O_CLOEXEC,
             nix::sys::stat::Mode::empty(),
         )
         .map_err(|e| cg_err(format!("cannot be opened: {e}")))?;
-        let st = nix::sys::statfs::fstatfs(&fd).map_err(|e| cg_err(format!("statfs failed: {e}")))?;
+        let st =
+            nix::sys::statfs::fstatfs(&fd).map_err(|e| cg_err(format!("statfs failed: {e}")))?;
         #[allow(clippy::useless_conversion)]
         let magic = i64::from(st.filesystem_type().0);
         if magic != CGROUP2_SUPER_MAGIC {
@@ -238,9 +241,14 @@ impl Drop for ScopedCgroup {
                 Ok(()) => return,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return,
                 // EBUSY while exiting tasks are still accounted.
-                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
                 Err(e) => {
-                    eprintln!("meshpath: could not remove cgroup {}: {e}", self.path.display());
+                    eprintln!(
+                        "meshpath: could not remove cgroup {}: {e}",
+                        self.path.display()
+                    );
                     return;
                 }
             }
@@ -259,7 +267,10 @@ pub struct EnteredCgroup {
 impl Drop for EnteredCgroup {
     fn drop(&mut self) {
         if let Err(e) = move_process(&self.back, std::process::id()) {
-            eprintln!("meshpath: could not move back to {}: {e}", self.back.display());
+            eprintln!(
+                "meshpath: could not move back to {}: {e}",
+                self.back.display()
+            );
         }
     }
 }

@@ -136,7 +136,8 @@ pub struct Datapath {
 
 pub(crate) struct Inner {
     // Field order is drop order: detach sk_msg first, then the objects.
-    pub(crate) msg_attach: SockmapAttachment,
+    // Held only to be dropped (detaching sk_msg from the SOCKHASH).
+    pub(crate) _msg_attach: SockmapAttachment,
     pub(crate) sockops: Loaded<skel::sockops::SockopsSkel<'static>>,
     pub(crate) sockopt: Loaded<skel::sockopt::SockoptSkel<'static>>,
     pub(crate) _sk_msg: Loaded<skel::sk_msg::SkMsgSkel<'static>>,
@@ -215,7 +216,7 @@ impl Datapath {
         }
 
         let mut inner = Inner {
-            msg_attach,
+            _msg_attach: msg_attach,
             sockops,
             sockopt,
             _sk_msg: sk_msg,
@@ -534,10 +535,4 @@ fn check_pinned_version(path: &Path, maps: &MapSet) -> Result<()> {
         });
     }
     Ok(())
-}
-
-#[doc(hidden)]
-impl Datapath {
-    pub fn settings_for_test(&self) -> Result<Settings> { read_settings(&self.inner.maps) }
-    pub fn write_settings_for_test(&self, s: &Settings) -> Result<()> { write_settings(&self.inner.maps, s) }
 }

@@ -67,11 +67,19 @@ impl IpNet {
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip) {
             (IpAddr::V4(n), IpAddr::V4(a)) => {
-                let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - self.prefix) };
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - self.prefix)
+                };
                 u32::from(n) & mask == u32::from(a) & mask
             }
             (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let mask = if self.prefix == 0 { 0 } else { u128::MAX << (128 - self.prefix) };
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - self.prefix)
+                };
                 u128::from(n) & mask == u128::from(a) & mask
             }
             _ => false,
@@ -81,11 +89,19 @@ impl IpNet {
     fn network(&self) -> IpAddr {
         match self.addr {
             IpAddr::V4(a) => {
-                let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - self.prefix) };
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - self.prefix)
+                };
                 IpAddr::V4((u32::from(a) & mask).into())
             }
             IpAddr::V6(a) => {
-                let mask = if self.prefix == 0 { 0 } else { u128::MAX << (128 - self.prefix) };
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - self.prefix)
+                };
                 IpAddr::V6((u128::from(a) & mask).into())
             }
         }
@@ -100,15 +116,20 @@ impl FromStr for IpNet {
             Some((a, p)) => (a, Some(p)),
             None => (s, None),
         };
-        let addr: IpAddr = a
-            .trim()
-            .parse()
-            .map_err(|_| Error::invalid("IP address", format!("{a:?} is not an IPv4 or IPv6 address")))?;
+        let addr: IpAddr = a.trim().parse().map_err(|_| {
+            Error::invalid(
+                "IP address",
+                format!("{a:?} is not an IPv4 or IPv6 address"),
+            )
+        })?;
         match p {
             None => Ok(IpNet::host(addr)),
             Some(p) => {
                 let prefix: u8 = p.trim().parse().map_err(|_| {
-                    Error::invalid("CIDR prefix length", format!("{p:?} in {s:?} is not a number"))
+                    Error::invalid(
+                        "CIDR prefix length",
+                        format!("{p:?} in {s:?} is not a number"),
+                    )
                 })?;
                 IpNet::new(addr, prefix)
             }

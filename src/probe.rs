@@ -54,7 +54,10 @@ impl KernelQuirks {
             out.push("epoll is not woken by short-circuited data on this kernel: epoll/tokio servers may stall; keep them off the short-circuit".to_string());
         }
         if !self.poll_readable {
-            out.push("poll() does not report short-circuited data as readable on this kernel".to_string());
+            out.push(
+                "poll() does not report short-circuited data as readable on this kernel"
+                    .to_string(),
+            );
         }
         if !self.fionread_exact {
             out.push("FIONREAD does not count short-circuited bytes on this kernel (fixed in Linux 6.x: tcp_bpf_ioctl)".to_string());
@@ -72,9 +75,18 @@ pub(crate) fn check_kernel() -> Result<()> {
         });
     }
     let progs = [
-        (libbpf_sys::BPF_PROG_TYPE_SOCK_OPS, "sock_ops programs (CONFIG_CGROUP_BPF)"),
-        (libbpf_sys::BPF_PROG_TYPE_SK_MSG, "sk_msg programs (CONFIG_NET_SOCK_MSG)"),
-        (libbpf_sys::BPF_PROG_TYPE_CGROUP_SOCKOPT, "cgroup sockopt programs (Linux 5.3+)"),
+        (
+            libbpf_sys::BPF_PROG_TYPE_SOCK_OPS,
+            "sock_ops programs (CONFIG_CGROUP_BPF)",
+        ),
+        (
+            libbpf_sys::BPF_PROG_TYPE_SK_MSG,
+            "sk_msg programs (CONFIG_NET_SOCK_MSG)",
+        ),
+        (
+            libbpf_sys::BPF_PROG_TYPE_CGROUP_SOCKOPT,
+            "cgroup sockopt programs (Linux 5.3+)",
+        ),
     ];
     for (ty, feature) in progs {
         // SAFETY: plain probe call; NULL opts are allowed.
@@ -82,8 +94,14 @@ pub(crate) fn check_kernel() -> Result<()> {
         probe_result(r, feature)?;
     }
     let maps = [
-        (libbpf_sys::BPF_MAP_TYPE_SOCKHASH, "SOCKHASH maps (CONFIG_BPF_STREAM_PARSER / CONFIG_NET_SOCK_MSG)"),
-        (libbpf_sys::BPF_MAP_TYPE_SK_STORAGE, "socket local storage maps (Linux 5.2+)"),
+        (
+            libbpf_sys::BPF_MAP_TYPE_SOCKHASH,
+            "SOCKHASH maps (CONFIG_BPF_STREAM_PARSER / CONFIG_NET_SOCK_MSG)",
+        ),
+        (
+            libbpf_sys::BPF_MAP_TYPE_SK_STORAGE,
+            "socket local storage maps (Linux 5.2+)",
+        ),
     ];
     for (ty, feature) in maps {
         // SAFETY: plain probe call; NULL opts are allowed.
@@ -180,7 +198,10 @@ pub(crate) fn probe_readiness(maps: &MapSet) -> Result<KernelQuirks> {
             .wait(&mut events, nix::sys::epoll::EpollTimeout::from(1000u16))
             .map_err(|e| io("waiting on epoll")(e.into()))?;
         let epoll_wakeup = n == 1;
-        let mut pfd = [nix::poll::PollFd::new(server.as_fd(), nix::poll::PollFlags::POLLIN)];
+        let mut pfd = [nix::poll::PollFd::new(
+            server.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
         let poll_readable = nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(1000u16))
             .map(|n| n == 1)
             .unwrap_or(false);

@@ -75,13 +75,11 @@ where
         // alive until `Loaded::drop` (or the error path below) frees it,
         // after the skeleton borrowing it is gone.
         let storage: &'static mut MaybeUninit<OpenObject> = unsafe { &mut *raw };
-        let mut open = builder
-            .open(storage)
-            .map_err(|source| Error::Load {
-                object,
-                source,
-                log: String::new(),
-            })?;
+        let mut open = builder.open(storage).map_err(|source| Error::Load {
+            object,
+            source,
+            log: String::new(),
+        })?;
         prepare(&mut open)?;
         open.load().map_err(|source| load_error(object, source))
     })();
@@ -146,7 +144,9 @@ fn quiet_print(level: PrintLevel, msg: String) {
 }
 
 fn load_error(object: &'static str, source: libbpf_rs::Error) -> Error {
-    if crate::error::errno_of(&source) == Some(libc::EPERM) && std::env::var_os("MESHPATH_RAW_ERR").is_none() {
+    if crate::error::errno_of(&source) == Some(libc::EPERM)
+        && std::env::var_os("MESHPATH_RAW_ERR").is_none()
+    {
         return Error::NotPermitted {
             action: "load BPF programs",
             source: std::io::Error::from_raw_os_error(libc::EPERM),

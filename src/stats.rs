@@ -98,11 +98,26 @@ impl Counters {
             ($($f:ident),*) => { $( out.$f = self.$f.saturating_sub(earlier.$f); )* };
         }
         sub!(
-            sockets_enrolled, sockets_removed, enroll_errors, skipped_nonlocal, skipped_bypass,
-            skipped_family, msgs_redirected, bytes_redirected, msgs_fallback, bytes_fallback,
-            fallback_no_peer, fallback_sticky, fallback_peer_optout, fallback_draining,
-            fallback_no_state, fallback_sent_before, rcvlowat_optouts, fallback_peer_busy,
-            fallback_peer_tcp, sockets_evicted
+            sockets_enrolled,
+            sockets_removed,
+            enroll_errors,
+            skipped_nonlocal,
+            skipped_bypass,
+            skipped_family,
+            msgs_redirected,
+            bytes_redirected,
+            msgs_fallback,
+            bytes_fallback,
+            fallback_no_peer,
+            fallback_sticky,
+            fallback_peer_optout,
+            fallback_draining,
+            fallback_no_state,
+            fallback_sent_before,
+            rcvlowat_optouts,
+            fallback_peer_busy,
+            fallback_peer_tcp,
+            sockets_evicted
         );
         out
     }

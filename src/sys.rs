@@ -127,9 +127,7 @@ pub(crate) fn map_facts(fd: BorrowedFd<'_>) -> io::Result<MapFacts> {
     let mut info = libbpf_sys::bpf_map_info::default();
     let mut len = std::mem::size_of::<libbpf_sys::bpf_map_info>() as u32;
     // SAFETY: `info` is a zeroed bpf_map_info and `len` its size.
-    ret(unsafe {
-        libbpf_sys::bpf_map_get_info_by_fd(fd.as_raw_fd(), &mut info, &mut len)
-    })?;
+    ret(unsafe { libbpf_sys::bpf_map_get_info_by_fd(fd.as_raw_fd(), &mut info, &mut len) })?;
     Ok(MapFacts {
         map_type: info.type_,
         key_size: info.key_size,

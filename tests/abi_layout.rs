@@ -20,12 +20,19 @@ fn objects() -> Vec<PathBuf> {
         .filter(|p| p.to_string_lossy().ends_with(".bpf.o"))
         .collect();
     out.sort();
-    assert!(out.len() >= 3, "expected the compiled objects in {}", dir.display());
+    assert!(
+        out.len() >= 3,
+        "expected the compiled objects in {}",
+        dir.display()
+    );
     out
 }
 
-/// (name, offset in bytes, size in bytes) of each member, in BTF order.
-fn layout(btf: &Btf<'_>, name: &str) -> Option<(usize, Vec<(String, usize, usize)>)> {
+/// (name, offset in bytes, size in bytes) of a member.
+type Member = (String, usize, usize);
+
+/// The struct's size and its members, in BTF order.
+fn layout(btf: &Btf<'_>, name: &str) -> Option<(usize, Vec<Member>)> {
     let s: Struct<'_> = btf.type_by_name(name)?;
     let size = s.size();
     let mut members = Vec::new();
@@ -36,9 +43,13 @@ fn layout(btf: &Btf<'_>, name: &str) -> Option<(usize, Vec<(String, usize, usize
         };
         assert_eq!(off_bits % 8, 0, "{name}: member not byte aligned");
         // SAFETY: the raw btf pointer is valid for the life of `btf`.
-        let msize = unsafe { libbpf_sys::btf__resolve_size(btf.as_libbpf_object().as_ptr(), m.ty.into()) };
+        let msize =
+            unsafe { libbpf_sys::btf__resolve_size(btf.as_libbpf_object().as_ptr(), m.ty.into()) };
         assert!(msize > 0, "{name}: cannot size a member");
-        let mname = m.name.map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let mname = m
+            .name
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         members.push((mname, off_bits as usize / 8, msize as usize));
     }
     Some((size, members))
@@ -56,32 +67,63 @@ fn check(c_name: &str, rust: (usize, BTreeMap<String, usize>)) {
     let mut seen = 0;
     for obj in objects() {
         let btf = Btf::from_path(&obj).unwrap_or_else(|e| panic!("BTF of {}: {e}", obj.display()));
-        let Some((size, members)) = layout(&btf, c_name) else { continue };
+        let Some((size, members)) = layout(&btf, c_name) else {
+            continue;
+        };
         seen += 1;
         let o = obj.file_name().unwrap().to_string_lossy();
-        assert_eq!(size, rust.0, "{c_name} in {o}: C size {size}, Rust size {}", rust.0);
+        assert_eq!(
+            size, rust.0,
+            "{c_name} in {o}: C size {size}, Rust size {}",
+            rust.0
+        );
         // No implicit padding: members tile the struct exactly.
         let mut end = 0;
         for (name, off, msize) in &members {
-            assert_eq!(*off, end, "{c_name} in {o}: implicit hole before `{name}` ({end}..{off})");
+            assert_eq!(
+                *off, end,
+                "{c_name} in {o}: implicit hole before `{name}` ({end}..{off})"
+            );
             end = off + msize;
-            let r = rust.1.get(name).unwrap_or_else(|| panic!("{c_name}.{name} missing in Rust"));
-            assert_eq!(r, off, "{c_name}.{name} in {o}: C offset {off}, Rust offset {r}");
+            let r = rust
+                .1
+                .get(name)
+                .unwrap_or_else(|| panic!("{c_name}.{name} missing in Rust"));
+            assert_eq!(
+                r, off,
+                "{c_name}.{name} in {o}: C offset {off}, Rust offset {r}"
+            );
         }
-        assert_eq!(end, size, "{c_name} in {o}: implicit tail padding ({end}..{size})");
-        assert_eq!(members.len(), rust.1.len(), "{c_name} in {o}: member count differs");
+        assert_eq!(
+            end, size,
+            "{c_name} in {o}: implicit tail padding ({end}..{size})"
+        );
+        assert_eq!(
+            members.len(),
+            rust.1.len(),
+            "{c_name} in {o}: member count differs"
+        );
     }
     assert!(seen > 0, "{c_name} is in no object's BTF");
 }
 
 #[test]
 fn sock_key_layout() {
-    check("mp_sock_key", rust_layout!(SockKey, [local_ip, remote_ip, local_port, remote_port, netns]));
+    check(
+        "mp_sock_key",
+        rust_layout!(
+            SockKey,
+            [local_ip, remote_ip, local_port, remote_port, netns]
+        ),
+    );
 }
 
 #[test]
 fn sock_entry_layout() {
-    check("mp_sock_entry", rust_layout!(SockEntry, [cookie, kaddr, flags, pad]));
+    check(
+        "mp_sock_entry",
+        rust_layout!(SockEntry, [cookie, kaddr, flags, pad]),
+    );
 }
 
 #[test]
@@ -90,7 +132,20 @@ fn sock_state_layout() {
         "mp_sock_state",
         rust_layout!(
             SockState,
-            [cookie, msgs_redir, bytes_redir, msgs_tcp, bytes_tcp, enrolled, mode, reason, busy_score, evicted, pad0, pad1]
+            [
+                cookie,
+                msgs_redir,
+                bytes_redir,
+                msgs_tcp,
+                bytes_tcp,
+                enrolled,
+                mode,
+                reason,
+                busy_score,
+                evicted,
+                pad0,
+                pad1
+            ]
         ),
     );
 }
@@ -99,7 +154,17 @@ fn sock_state_layout() {
 fn settings_layout() {
     check(
         "mp_settings",
-        rust_layout!(Settings, [abi_version, draining, shortcircuit, optout_rcvlowat, busy_detect, pad1]),
+        rust_layout!(
+            Settings,
+            [
+                abi_version,
+                draining,
+                shortcircuit,
+                optout_rcvlowat,
+                busy_detect,
+                pad1
+            ]
+        ),
     );
 }
 

@@ -99,7 +99,11 @@ fn ten_thousand_connections_leave_no_stale_entries() {
     env.wait_empty(Duration::from_secs(20));
     let d = env.counters().since(&before);
     assert_eq!(d.sockets_enrolled, 2 * n, "{d:?}");
-    assert_eq!(d.sockets_removed + d.sockets_evicted, 2 * n, "every socket accounted for: {d:?}");
+    assert_eq!(
+        d.sockets_removed + d.sockets_evicted,
+        2 * n,
+        "every socket accounted for: {d:?}"
+    );
     assert_eq!(d.sockets_tracked(), 0, "{d:?}");
     assert_eq!(d.msgs_redirected, n, "{d:?}");
     assert_eq!(d.enroll_errors, 0, "{d:?}");

@@ -37,7 +37,10 @@ fn set_rcvlowat(s: &impl AsRawFd, v: libc::c_int) {
 fn fionread(s: &TcpStream) -> i32 {
     let mut n: libc::c_int = 0;
     // SAFETY: FIONREAD writes one int through the pointer.
-    assert_eq!(unsafe { libc::ioctl(s.as_raw_fd(), libc::FIONREAD, &mut n) }, 0);
+    assert_eq!(
+        unsafe { libc::ioctl(s.as_raw_fd(), libc::FIONREAD, &mut n) },
+        0
+    );
     n
 }
 
@@ -54,7 +57,10 @@ fn poll_and_fionread_see_redirected_bytes() {
     let (mut c, s) = env.pair("127.0.0.2:0");
     assert!(!readable_within(&s, 50), "nothing sent yet");
     c.write_all(&[7u8; 1234]).unwrap();
-    assert!(readable_within(&s, 2000), "poll must report redirected data");
+    assert!(
+        readable_within(&s, 2000),
+        "poll must report redirected data"
+    );
     assert_eq!(fionread(&s), 1234, "FIONREAD counts redirected bytes");
     c.write_all(&[8u8; 766]).unwrap();
     assert_eq!(fionread(&s), 2000);
@@ -74,13 +80,20 @@ fn epoll_edge_triggered_server_does_not_stall() {
     s.set_nonblocking(true).unwrap();
     let server = std::thread::spawn(move || {
         let ep = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).unwrap();
-        ep.add(&s, EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, 1)).unwrap();
+        ep.add(
+            &s,
+            EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, 1),
+        )
+        .unwrap();
         let mut events = [EpollEvent::empty(); 4];
         let mut buf = vec![0u8; 64 * 1024];
         let mut echoed = 0usize;
         loop {
             let n = ep.wait(&mut events, EpollTimeout::from(5000u16)).unwrap();
-            assert!(n > 0, "epoll stalled after {echoed} bytes: a wakeup was lost");
+            assert!(
+                n > 0,
+                "epoll stalled after {echoed} bytes: a wakeup was lost"
+            );
             // Edge-triggered: drain until EAGAIN.
             loop {
                 match (&s).read(&mut buf) {
@@ -120,7 +133,11 @@ fn tokio_echo_over_many_connections() {
     let l = env.inside(|| TcpListener::bind("127.0.0.4:0").unwrap());
     let addr = l.local_addr().unwrap();
     let conns = 32usize;
-    let clients: Vec<TcpStream> = env.inside(|| (0..conns).map(|_| TcpStream::connect(addr).unwrap()).collect());
+    let clients: Vec<TcpStream> = env.inside(|| {
+        (0..conns)
+            .map(|_| TcpStream::connect(addr).unwrap())
+            .collect()
+    });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -187,7 +204,10 @@ fn so_rcvlowat_is_honoured() {
     let (mut c, s) = env.pair("127.0.0.5:0");
     set_rcvlowat(&s, 100);
     c.write_all(&[1u8; 10]).unwrap();
-    assert!(!readable_within(&s, 300), "10 bytes < SO_RCVLOWAT 100: not readable yet");
+    assert!(
+        !readable_within(&s, 300),
+        "10 bytes < SO_RCVLOWAT 100: not readable yet"
+    );
     c.write_all(&[2u8; 90]).unwrap();
     assert!(readable_within(&s, 2000));
     let mut buf = [0u8; 200];
@@ -238,7 +258,10 @@ fn redirected_then_tcp_bytes_stay_in_order() {
     let srv = echo_server(s);
     echo_rounds(&mut c, 2000, 200);
     let d = env.counters().since(&before);
-    assert!(d.msgs_redirected >= 1 && d.fallback_peer_optout >= 1, "{d:?}");
+    assert!(
+        d.msgs_redirected >= 1 && d.fallback_peer_optout >= 1,
+        "{d:?}"
+    );
     assert_eq!(d.sockets_evicted, 2, "both ends left once drained: {d:?}");
     assert_eq!(env.dp.sockhash_len().unwrap(), 0);
     drop(c);
@@ -264,7 +287,10 @@ fn msg_peek_does_not_consume() {
     };
     assert_eq!(&peek[..n], b"hello world", "peek sees both messages");
     let mut small = [0u8; 3];
-    assert_eq!(recv(s.as_raw_fd(), &mut small, MsgFlags::MSG_PEEK).unwrap(), 3);
+    assert_eq!(
+        recv(s.as_raw_fd(), &mut small, MsgFlags::MSG_PEEK).unwrap(),
+        3
+    );
     assert_eq!(&small, b"hel");
     let mut all = [0u8; 11];
     (&s).read_exact(&mut all).unwrap();
@@ -297,7 +323,10 @@ fn half_close_delivers_eof_and_the_other_way_keeps_working() {
 #[test]
 fn writes_larger_than_the_socket_buffers_are_byte_exact() {
     let env = Env::new("big_writes");
-    for (i, size) in [1usize, 1000, 64 << 10, 1 << 20, 16 << 20].into_iter().enumerate() {
+    for (i, size) in [1usize, 1000, 64 << 10, 1 << 20, 16 << 20]
+        .into_iter()
+        .enumerate()
+    {
         let before = env.counters();
         let (c, s) = env.inside(|| {
             let l = TcpListener::bind("127.0.0.9:0").unwrap();
@@ -320,12 +349,24 @@ fn writes_larger_than_the_socket_buffers_are_byte_exact() {
             std::thread::sleep(Duration::from_millis(50));
             let h = read_pattern(&mut s, i as u64, total);
             let mut one = [0u8; 1];
-            assert_eq!(s.read(&mut one).unwrap(), 0, "nothing duplicated after the end");
+            assert_eq!(
+                s.read(&mut one).unwrap(),
+                0,
+                "nothing duplicated after the end"
+            );
             h
         });
-        assert_eq!(writer.join().unwrap(), reader.join().unwrap(), "size {size}");
+        assert_eq!(
+            writer.join().unwrap(),
+            reader.join().unwrap(),
+            "size {size}"
+        );
         let d = env.counters().since(&before);
-        assert_eq!(d.bytes_redirected + d.bytes_fallback, total as u64, "size {size}: {d:?}");
+        assert_eq!(
+            d.bytes_redirected + d.bytes_fallback,
+            total as u64,
+            "size {size}: {d:?}"
+        );
         assert!(d.bytes_redirected > 0, "size {size}: {d:?}");
     }
     env.wait_empty(Duration::from_secs(5));
@@ -348,12 +389,16 @@ fn sendfile_into_a_short_circuited_socket() {
     let mut off: i64 = 0;
     while (off as usize) < total {
         let left = total - off as usize;
-        let n = nix::sys::sendfile::sendfile(c.as_fd(), file.as_fd(), Some(&mut off), left).expect("sendfile");
+        let n = nix::sys::sendfile::sendfile(c.as_fd(), file.as_fd(), Some(&mut off), left)
+            .expect("sendfile");
         assert!(n > 0);
     }
     reader.join().expect("reader");
     let d = env.counters().since(&before);
-    assert_eq!(d.bytes_redirected, total as u64, "sendfile bytes went through sk_msg: {d:?}");
+    assert_eq!(
+        d.bytes_redirected, total as u64,
+        "sendfile bytes went through sk_msg: {d:?}"
+    );
 }
 
 #[test]
@@ -392,14 +437,21 @@ fn busy_polling_receiver_moves_the_connection_to_tcp() {
     }
     let s = server.join().unwrap();
     let d = env.counters().since(&before);
-    assert!(d.fallback_peer_busy >= 1, "the spinner was recognised: {d:?}");
+    assert!(
+        d.fallback_peer_busy >= 1,
+        "the spinner was recognised: {d:?}"
+    );
     assert_eq!(d.sockets_evicted, 2, "both ends back on plain TCP: {d:?}");
     assert!(
         d.msgs_redirected < 500,
         "recognised within a few hundred messages, not {}",
         d.msgs_redirected
     );
-    assert_eq!(env.dp.sockhash_len().unwrap(), 0, "the live connection left the SOCKHASH");
+    assert_eq!(
+        env.dp.sockhash_len().unwrap(),
+        0,
+        "the live connection left the SOCKHASH"
+    );
     drop((c, s));
     env.wait_empty(Duration::from_secs(5));
 }

@@ -25,7 +25,11 @@ fn assert_redirected_echo(env: &Env, bind: &str, connect_to: Option<&str>) {
     echo_rounds(&mut c, 1000, 100);
     let d = env.counters().since(&before);
     assert_eq!(d.sockets_enrolled, 2, "{bind}: both ends enrolled ({d:?})");
-    assert!(d.msgs_redirected >= 200, "{bind}: redirected {} messages", d.msgs_redirected);
+    assert!(
+        d.msgs_redirected >= 200,
+        "{bind}: redirected {} messages",
+        d.msgs_redirected
+    );
     assert_eq!(d.msgs_fallback, 0, "{bind}: nothing took TCP ({d:?})");
     assert_eq!(d.bytes_redirected, 200 * 1000);
     drop(c);
@@ -134,7 +138,13 @@ fn data_sent_before_enrollment_arrives_in_order() {
                 SocketAddr::V4(a) => a,
                 _ => unreachable!(),
             });
-            let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::empty(), None).unwrap();
+            let fd = socket(
+                AddressFamily::Inet,
+                SockType::Stream,
+                SockFlag::empty(),
+                None,
+            )
+            .unwrap();
             let first = b"first-in-the-SYN|";
             sendto(
                 std::os::fd::AsRawFd::as_raw_fd(&fd),
@@ -142,7 +152,7 @@ fn data_sent_before_enrollment_arrives_in_order() {
                 &addr,
                 MsgFlags::from_bits_retain(libc::MSG_FASTOPEN),
             )
-                .expect("sendto MSG_FASTOPEN");
+            .expect("sendto MSG_FASTOPEN");
             let mut c = TcpStream::from(fd);
             let (mut s, _) = l.accept().unwrap();
             s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -173,7 +183,10 @@ fn bypassed_port_is_never_enrolled() {
     let l = env.inside(|| TcpListener::bind("127.0.0.5:0").unwrap());
     let addr = l.local_addr().unwrap();
     env.dp.bypass_port(addr.port(), PortSide::Both).unwrap();
-    assert_eq!(env.dp.bypassed_ports().unwrap(), vec![(addr.port(), PortSide::Both)]);
+    assert_eq!(
+        env.dp.bypassed_ports().unwrap(),
+        vec![(addr.port(), PortSide::Both)]
+    );
     let before = env.counters();
     let (mut c, s) = env.inside(|| tcp_pair_on(&l, addr));
     let srv = echo_server(s);

@@ -15,9 +15,9 @@
 #define MP_SK_USER_DATA_PTRMASK (~7UL)
 
 struct mp_psock_view {
-	__u32 refcnt;      /* references: 1 per map link + 1 per call in flight */
-	bool queue_empty;  /* nothing waits in the sk_msg ingress queue */
-	bool present;      /* the socket has a psock at all */
+	__u32 refcnt; /* references: 1 per map link + 1 per call in flight */
+	bool queue_empty; /* nothing waits in the sk_msg ingress queue */
+	bool present;	  /* the socket has a psock at all */
 };
 
 MP_ALWAYS_INLINE struct mp_psock_view mp_psock_view(__u64 sk_addr)
@@ -32,7 +32,8 @@ MP_ALWAYS_INLINE struct mp_psock_view mp_psock_view(__u64 sk_addr)
 	if (!sk_addr)
 		return v;
 	ud = (__u64)(unsigned long)BPF_CORE_READ(sk, sk_user_data);
-	psock = (struct sk_psock *)(unsigned long)(ud & MP_SK_USER_DATA_PTRMASK);
+	psock =
+	    (struct sk_psock *)(unsigned long)(ud & MP_SK_USER_DATA_PTRMASK);
 	if (!psock)
 		return v;
 	v.present = true;

@@ -45,14 +45,8 @@ impl MapSet {
             op: "reading map info",
             source,
         })?;
-        self.maps.insert(
-            name.to_string(),
-            SharedMap {
-                fd,
-                facts,
-                adopted,
-            },
-        );
+        self.maps
+            .insert(name.to_string(), SharedMap { fd, facts, adopted });
         Ok(())
     }
 
@@ -61,7 +55,10 @@ impl MapSet {
     }
 
     /// A typed view of map `name`, checking key and value sizes.
-    pub(crate) fn typed<K: Plain, V: Plain>(&self, name: &'static str) -> Result<TypedMap<'_, K, V>> {
+    pub(crate) fn typed<K: Plain, V: Plain>(
+        &self,
+        name: &'static str,
+    ) -> Result<TypedMap<'_, K, V>> {
         let m = self.maps.get(name).ok_or_else(|| Error::Map {
             map: name,
             op: "looking up the shared map",
@@ -86,12 +83,20 @@ impl MapSet {
 /// Pins `fd` at `path` in bpffs.
 pub(crate) fn pin_fd(fd: BorrowedFd<'_>, path: &PathBuf) -> Result<()> {
     use std::os::fd::AsRawFd;
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| Error::invalid("pin path", format!("{} contains a NUL byte", path.display())))?;
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
+        Error::invalid(
+            "pin path",
+            format!("{} contains a NUL byte", path.display()),
+        )
+    })?;
     // SAFETY: `c` is a valid C string and `fd` a live BPF object fd.
     let r = unsafe { libbpf_sys::bpf_obj_pin(fd.as_raw_fd(), c.as_ptr()) };
     if r < 0 {
-        return Err(Error::io("pinning at", path, std::io::Error::from_raw_os_error(-r)));
+        return Err(Error::io(
+            "pinning at",
+            path,
+            std::io::Error::from_raw_os_error(-r),
+        ));
     }
     Ok(())
 }
@@ -99,8 +104,12 @@ pub(crate) fn pin_fd(fd: BorrowedFd<'_>, path: &PathBuf) -> Result<()> {
 /// Opens the BPF object pinned at `path`.
 pub(crate) fn open_pinned(path: &Path) -> Result<Option<OwnedFd>> {
     use std::os::fd::FromRawFd;
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| Error::invalid("pin path", format!("{} contains a NUL byte", path.display())))?;
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
+        Error::invalid(
+            "pin path",
+            format!("{} contains a NUL byte", path.display()),
+        )
+    })?;
     // SAFETY: `c` is a valid C string.
     let fd = unsafe { libbpf_sys::bpf_obj_get(c.as_ptr()) };
     if fd < 0 {
@@ -134,7 +143,10 @@ pub(crate) struct TypedMap<'a, K, V> {
 
 impl<'a, K: Plain, V: Plain> TypedMap<'a, K, V> {
     fn new(name: &'static str, fd: BorrowedFd<'a>, facts: MapFacts) -> Result<Self> {
-        let (ks, vs) = (std::mem::size_of::<K>() as u32, std::mem::size_of::<V>() as u32);
+        let (ks, vs) = (
+            std::mem::size_of::<K>() as u32,
+            std::mem::size_of::<V>() as u32,
+        );
         let percpu = matches!(
             facts.map_type,
             libbpf_sys::BPF_MAP_TYPE_PERCPU_ARRAY | libbpf_sys::BPF_MAP_TYPE_PERCPU_HASH
@@ -155,10 +167,6 @@ impl<'a, K: Plain, V: Plain> TypedMap<'a, K, V> {
             max_entries: facts.max_entries,
             _t: PhantomData,
         })
-    }
-
-    pub(crate) fn max_entries(&self) -> u32 {
-        self.max_entries
     }
 
     pub(crate) fn lookup(&self, key: &K) -> Result<Option<V>>
@@ -194,9 +202,5 @@ impl<'a, K: Plain, V: Plain> TypedMap<'a, K, V> {
             op: "listing keys",
             source,
         })
-    }
-
-    pub(crate) fn fd(&self) -> BorrowedFd<'a> {
-        self.fd
     }
 }

@@ -30,7 +30,9 @@ pub struct SocketEntry {
 impl Datapath {
     /// Every socket in the short-circuit index (a snapshot).
     pub fn sockets(&self) -> Result<Vec<SocketEntry>> {
-        let index = self.maps().typed::<SockKey, SockEntry>("meshpath_sock_index")?;
+        let index = self
+            .maps()
+            .typed::<SockKey, SockEntry>("meshpath_sock_index")?;
         let mut out = Vec::new();
         for key in index.keys()? {
             if let Some(e) = index.lookup(&key)? {
@@ -58,7 +60,9 @@ impl Datapath {
     /// leave). Removing an entry never changes a live connection's bytes:
     /// a peer that finds no entry sends through TCP.
     pub fn sweep_stale(&self) -> Result<usize> {
-        let index = self.maps().typed::<SockKey, SockEntry>("meshpath_sock_index")?;
+        let index = self
+            .maps()
+            .typed::<SockKey, SockEntry>("meshpath_sock_index")?;
         let sockets = self.maps().typed::<SockKey, u64>("meshpath_sockets")?;
         let live: std::collections::HashSet<Vec<u8>> =
             sockets.keys()?.iter().map(key_bytes).collect();
@@ -69,7 +73,9 @@ impl Datapath {
             if live.contains(&key_bytes(&key)) {
                 continue;
             }
-            let Some(e) = index.lookup(&key)? else { continue };
+            let Some(e) = index.lookup(&key)? else {
+                continue;
+            };
             let evicted = e.flags & SockFlags::MP_SOCK_F_EVICTED.0 != 0;
             if evicted && present.contains(&key_bytes(&key.peer())) {
                 continue;

@@ -197,7 +197,10 @@ pub fn read_pattern(s: &mut impl Read, seed: u64, total: usize) -> u64 {
         pattern(seed, off, &mut want[..n]);
         if buf[..n] != want[..n] {
             let i = (0..n).find(|&i| buf[i] != want[i]).unwrap();
-            panic!("byte {} of {total} differs: reordered, duplicated or lost data", off + i);
+            panic!(
+                "byte {} of {total} differs: reordered, duplicated or lost data",
+                off + i
+            );
         }
         h.update(&buf[..n]);
         off += n;
@@ -265,13 +268,25 @@ impl Netns {
 
     /// Sets a per-namespace sysctl, e.g. ("net.ipv4.tcp_fastopen", "3").
     pub fn sysctl(&self, key: &str, value: &str) {
-        run("ip", &["netns", "exec", &self.name, "sysctl", "-qw", &format!("{key}={value}")]);
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.name,
+                "sysctl",
+                "-qw",
+                &format!("{key}={value}"),
+            ],
+        );
     }
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
