@@ -13,6 +13,7 @@
 //! The command line is a contract other tools depend on: flag names are
 //! stable, and new flags are added as new fields of [`Args`].
 
+use std::fmt::Write as _;
 use std::io::Write;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
@@ -328,7 +329,7 @@ fn print_stats(dp: &Datapath) {
         Ok(c) => {
             let mut line = format!("agent: counters: sockets_tracked={}", c.sockets_tracked());
             for (name, v) in c.iter() {
-                line.push_str(&format!(" {name}={v}"));
+                let _ = write!(line, " {name}={v}");
             }
             let _ = say(&line);
         }
