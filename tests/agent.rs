@@ -615,11 +615,6 @@ fn not_root_is_one_line_mentioning_root() {
     let args = [Path::new("--cgroup"), cg.path()];
     // The binary may sit where uid 65534 cannot reach it (a target dir
     // under /root): then run a world-readable copy.
-    let copy = TempDir::new();
-    let bin = copy.0.join("agent");
-    fs::copy(agent_bin(), &bin).expect("copying the agent binary");
-    fs::set_permissions(&copy.0, fs::Permissions::from_mode(0o755)).expect("chmod");
-    fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).expect("chmod");
     let direct_ok = Command::new(agent_bin())
         .arg("--version")
         .uid(65534)
@@ -628,12 +623,17 @@ fn not_root_is_one_line_mentioning_root() {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
+    let copy = TempDir::new();
     let runnable = if direct_ok {
-        agent_bin()
+        agent_bin().to_path_buf()
     } else {
-        bin.as_path()
+        let bin = copy.0.join("agent");
+        fs::copy(agent_bin(), &bin).expect("copying the agent binary");
+        fs::set_permissions(&copy.0, fs::Permissions::from_mode(0o755)).expect("chmod");
+        fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).expect("chmod");
+        bin
     };
-    let run = run_failing_with(runnable, &args, |cmd| {
+    let run = run_failing_with(&runnable, &args, |cmd| {
         cmd.uid(65534).gid(65534);
     });
     let line = run.one_line_error();
@@ -724,6 +724,34 @@ fn bad_bypass_port_and_local_net_are_one_line_naming_the_field() {
 
 // ---------------------------------------------------------------------------
 // The rest of the command line.
+
+#[test]
+fn no_short_circuit_keeps_the_cgroup_on_tcp() {
+    let _serial = setup();
+    let cg = scoped_cgroup();
+    let mut agent = Agent::spawn(&[
+        Path::new("--cgroup"),
+        cg.path(),
+        Path::new("--no-short-circuit"),
+        Path::new("--max-sockets"),
+        Path::new("1024"),
+    ]);
+    agent.wait_ready();
+    let (mut c, mut s) = pair_in(&cg);
+    let (c_tcp, s_tcp) = exchange(&mut c, &mut s);
+    assert!(
+        c_tcp > 0 && s_tcp > 0,
+        "with --no-short-circuit TCP should carry the bytes (client {c_tcp}, server {s_tcp})"
+    );
+    agent.signal(Signal::SIGTERM);
+    let status = agent.wait_exit(EXIT_TIMEOUT);
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "{status}; stderr: {:?}",
+        agent.stderr_text()
+    );
+}
 
 #[test]
 fn stats_interval_prints_counters_and_still_stops_on_signal() {
