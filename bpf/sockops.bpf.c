@@ -100,6 +100,7 @@ MP_ALWAYS_INLINE void mp_enroll(struct bpf_sock_ops *skops, bool active)
 		return;
 	}
 	st->cookie = bpf_get_socket_cookie(skops);
+	st->rcv_nxt0 = skops->rcv_nxt;
 	/* Bytes this side already sent through TCP (TCP Fast Open data) may
 	 * still sit unread in the peer's receive queue; the kernel would
 	 * deliver redirected bytes before them.  Keep such a direction on
@@ -141,16 +142,45 @@ MP_ALWAYS_INLINE void mp_enroll(struct bpf_sock_ops *skops, bool active)
 }
 
 /*
+ * Whether the peer can never again redirect into this socket, given the
+ * peer's index entry `pe` (NULL: the peer is not enrolled).
+ *
+ * A sender decides redirect-or-TCP for each message under its own socket
+ * lock, then delivers a redirect into our queue after releasing it, and a
+ * direction never goes back from TCP to redirect.  So once TCP payload
+ * from the peer has reached us (rcv_nxt moved since enrollment), every
+ * redirect the peer decided earlier has been delivered, and none will be
+ * decided again.  A peer with no call in flight at all (psock refcnt 1:
+ * the map's link only; no psock left once evicted) cannot be mid-delivery
+ * either.  (Two threads writing one socket concurrently can still have an
+ * older redirect in flight after a newer TCP send: their bytes have no
+ * defined order anyway; see ARCHITECTURE.md.)
+ */
+MP_ALWAYS_INLINE bool mp_peer_done_redirecting(struct bpf_sock_ops *skops,
+					       struct mp_sock_state *st,
+					       struct mp_sock_entry *pe)
+{
+	struct mp_psock_view v;
+
+	if (!pe)
+		return true;
+	if (!(pe->flags & MP_SOCK_F_TX_TCP))
+		return false;
+	if (skops->rcv_nxt != st->rcv_nxt0)
+		return true;
+	v = mp_psock_view(pe->kaddr);
+	if (pe->flags & MP_SOCK_F_EVICTED)
+		return !v.present;
+	return !v.present || v.refcnt <= 1;
+}
+
+/*
  * Leaves the SOCKHASH when nothing can be lost or reordered by it.
  * Leaving frees the socket's sk_msg queue and restores its TCP callbacks:
  *  - the connection is moving to TCP: this socket's sends or the peer's
  *    take TCP for good (or the peer is not enrolled at all);
  *  - its own sk_msg queue is empty;
- *  - the peer can never again redirect into it: the peer is not in the
- *    index, or its sends take TCP for good and no call of the peer's is in
- *    flight (psock refcnt: 1 for the map link; an evicted peer must have no
- *    psock left at all), so no redirect decided before it switched is
- *    still being delivered.
+ *  - the peer can never again redirect into it (mp_peer_done_redirecting).
  * Our sends taking TCP afterwards is always safe: whatever we redirected
  * earlier sits in the peer's sk_msg queue, which the kernel reads first.
  */
@@ -158,7 +188,6 @@ MP_ALWAYS_INLINE void mp_maybe_evict(struct bpf_sock_ops *skops)
 {
 	struct mp_sock_key key = {}, peer = {};
 	struct mp_sock_entry *self, *pe;
-	struct mp_psock_view v;
 	struct mp_sock_state *st;
 	struct bpf_sock *sk = skops->sk;
 
@@ -178,17 +207,8 @@ MP_ALWAYS_INLINE void mp_maybe_evict(struct bpf_sock_ops *skops)
 		return; /* a short-circuited connection: stay */
 	if (!mp_psock_view(self->kaddr).queue_empty)
 		return;
-	if (pe) {
-		if (!(pe->flags & MP_SOCK_F_TX_TCP))
-			return;
-		v = mp_psock_view(pe->kaddr);
-		if (pe->flags & MP_SOCK_F_EVICTED) {
-			if (v.present)
-				return;
-		} else if (v.present && v.refcnt > 1) {
-			return;
-		}
-	}
+	if (!mp_peer_done_redirecting(skops, st, pe))
+		return;
 	__sync_fetch_and_or(&self->flags, MP_SOCK_F_TX_TCP | MP_SOCK_F_EVICTED);
 	if (st->mode != MP_DIR_TCP) {
 		st->mode = MP_DIR_TCP;

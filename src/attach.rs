@@ -84,8 +84,40 @@ pub(crate) enum SockmapAttachment {
     },
 }
 
+/// Where the sk_msg link is pinned, next to the maps.
+pub(crate) const SK_MSG_LINK_PIN: &str = "meshpath_sk_msg_link";
+
 impl SockmapAttachment {
-    pub(crate) fn attach(prog: &Program<'_>, map: BorrowedFd<'_>) -> Result<Self> {
+    /// Attaches `prog` as the SOCKHASH's msg verdict program. With a pin
+    /// directory whose maps were adopted, the pinned link of the previous
+    /// datapath is updated to `prog` (a SOCKHASH takes one msg verdict
+    /// program: a second attach would fail with EBUSY); a new link is
+    /// pinned there otherwise.
+    pub(crate) fn attach(
+        prog: &Program<'_>,
+        map: BorrowedFd<'_>,
+        pin: Option<(&Path, bool)>,
+    ) -> Result<Self> {
+        let err = |target: String, source| Error::Attach {
+            program: "meshpath_sk_msg",
+            target,
+            source,
+        };
+        if let Some((dir, adopted)) = pin {
+            let path = dir.join(SK_MSG_LINK_PIN);
+            if path.exists() {
+                if adopted {
+                    let mut link = Link::open(&path)
+                        .map_err(|e| err(format!("pinned link {}", path.display()), e))?;
+                    link.update_prog(prog)
+                        .map_err(|e| err(format!("pinned link {} (update)", path.display()), e))?;
+                    return Ok(SockmapAttachment::Link(link));
+                }
+                // A link left by another generation of maps: not ours.
+                std::fs::remove_file(&path)
+                    .map_err(|e| Error::io("removing stale pin", &path, e))?;
+            }
+        }
         // SAFETY: the program pointer comes from a loaded libbpf object
         // that outlives this call; `map` is a live map fd.
         let ptr = unsafe {
@@ -97,21 +129,27 @@ impl SockmapAttachment {
         if let Some(ptr) = NonNull::new(ptr) {
             // SAFETY: a non-null link pointer freshly returned by libbpf,
             // owned by nobody else.
-            return Ok(SockmapAttachment::Link(unsafe { Link::from_ptr(ptr) }));
+            let mut link = unsafe { Link::from_ptr(ptr) };
+            if let Some((dir, _)) = pin {
+                let path = dir.join(SK_MSG_LINK_PIN);
+                link.pin(&path)
+                    .map_err(|e| err(format!("pin {}", path.display()), e))?;
+            }
+            return Ok(SockmapAttachment::Link(link));
         }
         let link_err = std::io::Error::last_os_error();
-        // Kernels before sockmap links: the legacy attach.
+        // Kernels before sockmap links (< 6.10): the legacy attach, which
+        // cannot be pinned.
         let attach_type = prog.attach_type() as u32;
         // SAFETY: plain syscall wrapper on live fds.
         let r = unsafe {
             libbpf_sys::bpf_prog_attach(prog.as_fd().as_raw_fd(), map.as_raw_fd(), attach_type, 0)
         };
         if r < 0 {
-            return Err(Error::Attach {
-                program: "meshpath_sk_msg",
-                target: format!("meshpath_sockets (link: {link_err})"),
-                source: libbpf_rs::Error::from_raw_os_error(-r),
-            });
+            return Err(err(
+                format!("meshpath_sockets (link: {link_err})"),
+                libbpf_rs::Error::from_raw_os_error(-r),
+            ));
         }
         let dup = |fd: BorrowedFd<'_>| {
             fd.try_clone_to_owned()

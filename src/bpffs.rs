@@ -66,3 +66,32 @@ pub fn prepare_pin_dir(dir: &Path) -> Result<PathBuf> {
     fs::create_dir_all(dir).map_err(|e| Error::io("creating pin directory", dir, e))?;
     Ok(dir.to_path_buf())
 }
+
+/// Removes meshpath's pins (`meshpath_*`) from `dir`, then `dir` itself if
+/// it is left empty. Returns how many pins were removed. Pinned maps are
+/// freed once no program or process uses them; live short-circuited
+/// connections keep working until they close.
+pub fn remove_pins(dir: &Path) -> Result<usize> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(Error::io("reading pin directory", dir, e)),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io("reading pin directory", dir, e))?;
+        let name = entry.file_name();
+        if name.to_string_lossy().starts_with("meshpath_") {
+            let p = entry.path();
+            fs::remove_file(&p).map_err(|e| Error::io("unpinning", &p, e))?;
+            removed += 1;
+        }
+    }
+    if fs::read_dir(dir)
+        .map(|mut d| d.next().is_none())
+        .unwrap_or(false)
+    {
+        fs::remove_dir(dir).map_err(|e| Error::io("removing pin directory", dir, e))?;
+    }
+    Ok(removed)
+}

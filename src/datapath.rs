@@ -208,8 +208,11 @@ impl Datapath {
         let sockets = maps
             .get("meshpath_sockets")
             .ok_or_else(|| Error::invalid("datapath", "meshpath_sockets missing"))?;
-        let msg_attach =
-            SockmapAttachment::attach(&sk_msg.progs.meshpath_sk_msg, sockets.fd.as_fd())?;
+        let msg_attach = SockmapAttachment::attach(
+            &sk_msg.progs.meshpath_sk_msg,
+            sockets.fd.as_fd(),
+            pin.map(|d| (d, sockets.adopted)),
+        )?;
 
         if let Some(dir) = pin {
             maps.pin_all(dir)?;
@@ -307,6 +310,34 @@ impl Datapath {
     pub fn set_short_circuit(&self, on: bool) -> Result<()> {
         let mut s = read_settings(&self.inner.maps)?;
         s.shortcircuit = u8::from(on);
+        write_settings(&self.inner.maps, &s)
+    }
+
+    /// Drains the short-circuit: new sockets are not enrolled, every
+    /// message from now on takes TCP, and each connection leaves the
+    /// SOCKHASH once its queued bytes are read (as soon as TCP segments
+    /// flow on it; idle connections leave when they next send or close).
+    /// Waits up to `timeout` and returns how many sockets are still in the
+    /// SOCKHASH. Nothing is lost or reordered. [`Datapath::undrain`]
+    /// resumes.
+    pub fn drain(&self, timeout: std::time::Duration) -> Result<usize> {
+        let mut s = read_settings(&self.inner.maps)?;
+        s.draining = 1;
+        write_settings(&self.inner.maps, &s)?;
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = self.sockhash_len()?;
+            if left == 0 || std::time::Instant::now() >= deadline {
+                return Ok(left);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    /// Ends a [`Datapath::drain`]: new connections are enrolled again.
+    pub fn undrain(&self) -> Result<()> {
+        let mut s = read_settings(&self.inner.maps)?;
+        s.draining = 0;
         write_settings(&self.inner.maps, &s)
     }
 

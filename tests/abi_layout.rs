@@ -144,7 +144,9 @@ fn sock_state_layout() {
                 busy_score,
                 evicted,
                 pad0,
-                pad1
+                pad1,
+                rcv_nxt0,
+                pad2
             ]
         ),
     );

@@ -90,6 +90,9 @@ struct mp_sock_state {
 	__u8 evicted;	   /* 1 once it left meshpath_sockets before closing */
 	__u8 pad0;
 	__u16 pad1;
+	__u32
+	    rcv_nxt0; /* rcv_nxt at enrollment: TCP payload arrived if moved */
+	__u32 pad2;
 };
 
 /*

@@ -1,0 +1,210 @@
+//! The datapath's life: pinned maps adopted by a new load, incompatible
+//! pins refused, several cgroups on one datapath, draining. Root only.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::*;
+use meshpath::cgroup::ScopedCgroup;
+use meshpath::{AttachOptions, Datapath, DatapathOptions, Error};
+
+/// A pin directory on bpffs, unpinned on drop.
+struct PinDir(PathBuf);
+
+impl PinDir {
+    fn new(test: &str) -> PinDir {
+        PinDir(PathBuf::from(format!(
+            "/sys/fs/bpf/meshpath-test-{test}-{}",
+            std::process::id()
+        )))
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = meshpath::bpffs::remove_pins(&self.0);
+    }
+}
+
+#[test]
+fn pinned_maps_are_adopted_by_the_next_load() {
+    let pins = PinDir::new("adopt");
+    let env = Env::with(
+        "pin_adopt",
+        DatapathOptions::default().pin_dir(&pins.0),
+        AttachOptions::default(),
+    );
+    assert!(pins.0.join("meshpath_sockets").exists(), "maps are pinned");
+    let (mut c, s) = env.pair("127.0.0.2:0");
+    let srv = echo_server(s);
+    echo_rounds(&mut c, 100, 50);
+    let first = env.counters();
+    assert!(first.msgs_redirected >= 100);
+    // A second datapath on the same pins sees the same maps: the counters
+    // and the live sockets.
+    let again = Datapath::load(
+        &DatapathOptions::default()
+            .pin_dir(&pins.0)
+            .probe_quirks(false),
+    )
+    .unwrap();
+    let seen = again.counters().unwrap();
+    assert_eq!(seen.msgs_redirected, first.msgs_redirected);
+    assert_eq!(again.sockhash_len().unwrap(), 2);
+    drop(c);
+    srv.join().unwrap();
+    env.wait_empty(Duration::from_secs(5));
+    assert_eq!(again.sockhash_len().unwrap(), 0);
+    drop(again);
+    drop(env);
+    assert!(meshpath::bpffs::remove_pins(&pins.0).unwrap() >= 7);
+    assert!(!pins.0.exists(), "the empty pin directory is removed");
+}
+
+#[test]
+fn an_incompatible_pin_is_refused_and_left_alone() {
+    require_root();
+    let pins = PinDir::new("incompatible");
+    std::fs::create_dir_all(&pins.0).ok();
+    meshpath::bpffs::ensure_default_mount().unwrap();
+    // A map of the right name and the wrong layout, as an older version
+    // could have left it.
+    let out = std::process::Command::new("bpftool")
+        .args([
+            "map",
+            "create",
+            pins.0.join("meshpath_sock_index").to_str().unwrap(),
+            "type",
+            "hash",
+            "key",
+            "4",
+            "value",
+            "4",
+            "entries",
+            "16",
+            "name",
+            "meshpath_sock_index",
+        ])
+        .output()
+        .expect("bpftool");
+    assert!(out.status.success(), "bpftool map create: {out:?}");
+    let err = Datapath::load(&DatapathOptions::default().pin_dir(&pins.0)).unwrap_err();
+    assert!(matches!(err, Error::Pinned { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("meshpath_sock_index") && msg.contains("incompatible"),
+        "{msg}"
+    );
+    assert!(
+        pins.0.join("meshpath_sock_index").exists(),
+        "the foreign pin is not touched"
+    );
+}
+
+#[test]
+fn a_pin_dir_off_bpffs_is_refused() {
+    require_root();
+    let dir = std::env::temp_dir().join(format!("meshpath-not-bpffs-{}", std::process::id()));
+    let err = Datapath::load(&DatapathOptions::default().pin_dir(&dir)).unwrap_err();
+    assert!(
+        err.to_string().contains("not on a BPF file system"),
+        "{err}"
+    );
+    assert!(!dir.exists(), "nothing created off bpffs");
+    let err = Datapath::load(&DatapathOptions::default().pin_dir("relative/pins")).unwrap_err();
+    assert!(err.to_string().contains("absolute"), "{err}");
+}
+
+#[test]
+fn two_cgroups_on_one_datapath_talk_through_the_short_circuit() {
+    let env = Env::new("two_cgroups_a");
+    let other = ScopedCgroup::new("mp-test-two_cgroups_b").unwrap();
+    let _att_b = env.dp.attach_cgroup(other.path()).unwrap();
+    let before = env.counters();
+    // Server in cgroup A, client in cgroup B.
+    let l = env.inside(|| std::net::TcpListener::bind("127.0.0.3:0").unwrap());
+    let addr = l.local_addr().unwrap();
+    let c = {
+        let _in = other.enter().unwrap();
+        std::net::TcpStream::connect(addr).unwrap()
+    };
+    let (s, _) = l.accept().unwrap();
+    c.set_nodelay(true).unwrap();
+    let srv = echo_server(s);
+    let mut c = c;
+    echo_rounds(&mut c, 512, 100);
+    let d = env.counters().since(&before);
+    assert_eq!(d.sockets_enrolled, 2, "{d:?}");
+    assert!(d.msgs_redirected >= 200, "{d:?}");
+    drop(c);
+    srv.join().unwrap();
+    env.wait_empty(Duration::from_secs(5));
+}
+
+#[test]
+fn the_root_cgroup_is_refused_without_opt_in() {
+    require_root();
+    let dp = Datapath::load(&DatapathOptions::default().probe_quirks(false)).unwrap();
+    let root = meshpath::cgroup::cgroup2_mount().unwrap();
+    let err = dp.attach_cgroup(&root).unwrap_err();
+    assert!(
+        err.to_string().contains("root of the cgroup hierarchy"),
+        "{err}"
+    );
+    let err = dp.attach_cgroup("/definitely/not/here").unwrap_err();
+    assert!(err.to_string().contains("does not exist"), "{err}");
+    let err = dp.attach_cgroup(std::env::temp_dir()).unwrap_err();
+    assert!(
+        err.to_string().contains("not a cgroup v2 directory"),
+        "{err}"
+    );
+}
+
+#[test]
+fn draining_moves_live_connections_to_tcp_without_losing_bytes() {
+    let env = Env::new("drain");
+    let before = env.counters();
+    let (mut c, mut s) = env.pair("127.0.0.4:0");
+    // Leave redirected bytes unread in both directions, then drain.
+    c.write_all_checked(b"before-drain-c2s|");
+    s.write_all_checked(b"before-drain-s2c|");
+    let dp = env.dp.clone();
+    let drainer = std::thread::spawn(move || dp.drain(Duration::from_secs(10)).unwrap());
+    std::thread::sleep(Duration::from_millis(20));
+    c.write_all_checked(b"after-drain-c2s");
+    s.write_all_checked(b"after-drain-s2c");
+    let mut got = [0u8; 32];
+    std::io::Read::read_exact(&mut s, &mut got).unwrap();
+    assert_eq!(&got, b"before-drain-c2s|after-drain-c2s");
+    std::io::Read::read_exact(&mut c, &mut got).unwrap();
+    assert_eq!(&got, b"before-drain-s2c|after-drain-s2c");
+    // With TCP flowing, both ends leave the short-circuit.
+    let srv = echo_server(s);
+    echo_rounds(&mut c, 300, 100);
+    assert_eq!(drainer.join().unwrap(), 0, "the SOCKHASH emptied");
+    let d = env.counters().since(&before);
+    assert!(d.fallback_draining >= 1 && d.sockets_evicted == 2, "{d:?}");
+    // Nothing new is enrolled while draining; undrain resumes.
+    let b2 = env.counters();
+    let (c2, s2) = env.pair("127.0.0.4:0");
+    assert_eq!(env.counters().since(&b2).sockets_enrolled, 0);
+    drop((c2, s2));
+    env.dp.undrain().unwrap();
+    let (c3, s3) = env.pair("127.0.0.4:0");
+    assert_eq!(env.counters().since(&b2).sockets_enrolled, 2);
+    drop((c3, s3, c));
+    srv.join().unwrap();
+    env.wait_empty(Duration::from_secs(5));
+}
+
+trait WriteChecked {
+    fn write_all_checked(&mut self, b: &[u8]);
+}
+
+impl WriteChecked for std::net::TcpStream {
+    fn write_all_checked(&mut self, b: &[u8]) {
+        std::io::Write::write_all(self, b).unwrap();
+    }
+}
