@@ -99,6 +99,10 @@ MP_ALWAYS_INLINE void mp_enroll(struct bpf_sock_ops *skops, bool active)
 		mp_count(MP_C_SOCK_ENROLL_ERR);
 		return;
 	}
+	/* Nested cgroups attached to one datapath run this program once per
+	 * attachment: enroll once. */
+	if (st->enrolled)
+		return;
 	st->cookie = bpf_get_socket_cookie(skops);
 	st->rcv_nxt0 = skops->rcv_nxt;
 	/* Bytes this side already sent through TCP (TCP Fast Open data) may

@@ -31,6 +31,13 @@ impl std::fmt::Debug for CgroupAttachment {
     }
 }
 
+impl Drop for CgroupAttachment {
+    fn drop(&mut self) {
+        // The links (if any are left) detach when dropped with `self`.
+        crate::datapath::Datapath::forget_cgroup(&self._datapath, self.cgroup.id());
+    }
+}
+
 impl CgroupAttachment {
     pub(crate) fn new(
         datapath: Arc<Inner>,
@@ -61,7 +68,7 @@ impl CgroupAttachment {
 
     /// Detaches now, reporting failures (dropping detaches too, silently).
     pub fn detach(mut self) -> Result<()> {
-        for (name, link) in self.links.drain(..) {
+        for (name, link) in std::mem::take(&mut self.links) {
             link.detach().map_err(|source| Error::Attach {
                 program: name,
                 target: format!("cgroup {} (detach)", self.cgroup.path().display()),

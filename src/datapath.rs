@@ -144,6 +144,8 @@ pub(crate) struct Inner {
     pub(crate) maps: MapSet,
     pub(crate) quirks: KernelQuirks,
     pub(crate) pin_dir: Option<PathBuf>,
+    /// Cgroup ids attached through this datapath (one attachment each).
+    pub(crate) attached: std::sync::Mutex<std::collections::HashSet<u64>>,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -226,6 +228,7 @@ impl Datapath {
             maps,
             quirks: KernelQuirks::default(),
             pin_dir,
+            attached: Default::default(),
         };
         if opts.probe_quirks {
             inner.quirks = probe::probe_readiness(&inner.maps)?;
@@ -251,43 +254,71 @@ impl Datapath {
     ) -> Result<CgroupAttachment> {
         let cg = CgroupDir::open(path.as_ref())?;
         if cg.is_root() && !opts.allow_root {
-            return Err(Error::Cgroup {
+            return Err(Error::RootCgroup {
                 path: cg.path().to_path_buf(),
-                reason: "is the root of the cgroup hierarchy; attaching there affects every \
-                         process on the host, so it needs AttachOptions::allow_root"
-                    .into(),
             });
         }
-        let fd = cg.as_fd().as_raw_fd();
-        let target = || format!("cgroup {}", cg.path().display());
-        let mut links: Vec<(&'static str, Link)> = Vec::new();
-        if opts.short_circuit {
-            let l = self
-                .inner
-                .sockops
-                .progs
-                .meshpath_sockops
-                .attach_cgroup(fd)
-                .map_err(|source| Error::Attach {
-                    program: "meshpath_sockops",
-                    target: target(),
-                    source,
-                })?;
-            links.push(("meshpath_sockops", l));
-            let l = self
-                .inner
-                .sockopt
-                .progs
-                .meshpath_setsockopt
-                .attach_cgroup(fd)
-                .map_err(|source| Error::Attach {
-                    program: "meshpath_setsockopt",
-                    target: target(),
-                    source,
-                })?;
-            links.push(("meshpath_setsockopt", l));
+        if !self
+            .inner
+            .attached
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(cg.id())
+        {
+            return Err(Error::Cgroup {
+                path: cg.path().to_path_buf(),
+                reason: "is already attached to this datapath".into(),
+            });
         }
-        Ok(CgroupAttachment::new(self.inner.clone(), cg, links))
+        let links = self.cgroup_links(&cg, opts);
+        match links {
+            Ok(links) => Ok(CgroupAttachment::new(self.inner.clone(), cg, links)),
+            Err(e) => {
+                // Links attached so far were dropped (detached) already.
+                Datapath::forget_cgroup(&self.inner, cg.id());
+                Err(e)
+            }
+        }
+    }
+
+    /// Attaches every program `opts` asks for to `cg`; all or nothing
+    /// (a failure drops, so detaches, the links made before it).
+    fn cgroup_links(
+        &self,
+        cg: &CgroupDir,
+        opts: &AttachOptions,
+    ) -> Result<Vec<(&'static str, Link)>> {
+        let fd = cg.as_fd().as_raw_fd();
+        let attach = |name: &'static str, prog: &libbpf_rs::ProgramMut<'_>| {
+            prog.attach_cgroup(fd)
+                .map(|l| (name, l))
+                .map_err(|source| Error::Attach {
+                    program: name,
+                    target: format!("cgroup {}", cg.path().display()),
+                    source,
+                })
+        };
+        let mut links = Vec::new();
+        if opts.short_circuit {
+            let i = &self.inner;
+            links.push(attach(
+                "meshpath_sockops",
+                &i.sockops.progs.meshpath_sockops,
+            )?);
+            links.push(attach(
+                "meshpath_setsockopt",
+                &i.sockopt.progs.meshpath_setsockopt,
+            )?);
+        }
+        Ok(links)
+    }
+
+    pub(crate) fn forget_cgroup(inner: &Inner, id: u64) {
+        inner
+            .attached
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
     }
 
     /// The datapath's counters, summed over CPUs.

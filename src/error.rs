@@ -1,4 +1,8 @@
 //! The library's error type: one enum, structured fields, the cause kept.
+//!
+//! Following the Rust API guidelines, a variant with a cause returns it
+//! from `source()` and does not repeat it in its own message: print the
+//! chain (`{:#}` with anyhow, or walk `source()`) to see everything.
 
 use std::io;
 use std::path::PathBuf;
@@ -33,6 +37,14 @@ pub enum Error {
     #[error("no cgroup v2 hierarchy is mounted (no `cgroup2` line in /proc/self/mountinfo)")]
     NoCgroup2,
 
+    /// The root of the cgroup hierarchy, refused without
+    /// `AttachOptions::allow_root` (it would affect every process).
+    #[error("cgroup {path} is the root of the cgroup hierarchy: attaching there affects every process on the host")]
+    RootCgroup {
+        /// The path given.
+        path: PathBuf,
+    },
+
     /// A cgroup path that is not usable.
     #[error("cgroup {path}: {reason}")]
     Cgroup {
@@ -52,7 +64,7 @@ pub enum Error {
     },
 
     /// libbpf or the kernel's verifier refused a BPF object.
-    #[error("loading BPF object `{object}`: {source}{}", if log.is_empty() { String::new() } else { format!("; libbpf's log ends with:\n{log}") })]
+    #[error("loading BPF object `{object}`{}", if log.is_empty() { String::new() } else { format!(" (libbpf's log ends with: {})", log.replace('\n', " | ")) })]
     Load {
         /// The object (bpf/<object>.bpf.c).
         object: &'static str,
@@ -64,7 +76,7 @@ pub enum Error {
     },
 
     /// Attaching or detaching a program failed.
-    #[error("attaching `{program}` to {target}: {source}")]
+    #[error("attaching `{program}` to {target}")]
     Attach {
         /// The program.
         program: &'static str,
@@ -76,7 +88,7 @@ pub enum Error {
     },
 
     /// A map operation failed.
-    #[error("map `{map}`: {op}: {source}")]
+    #[error("map `{map}`: {op}")]
     Map {
         /// The map.
         map: &'static str,
@@ -108,7 +120,7 @@ pub enum Error {
     },
 
     /// An I/O error on a path.
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {path}")]
     Io {
         /// What was being done.
         op: &'static str,

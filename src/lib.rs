@@ -38,7 +38,7 @@ mod sys;
 pub use attach::CgroupAttachment;
 pub use datapath::{AttachOptions, Datapath, DatapathOptions, PortSide};
 pub use error::{Error, Result};
-pub use maps::sockets::SocketEntry;
+pub use maps::sockets::{Direction, SocketEntry, SocketState, TcpReason};
 pub use net::IpNet;
 pub use probe::{netns_cookie, KernelQuirks};
 pub use stats::Counters;

@@ -64,9 +64,11 @@ impl Counters {
             .saturating_sub(self.sockets_evicted)
     }
 
-    /// Every counter with a stable snake_case name, for exporters.
+    /// Every counter with a stable snake_case name, for exporters
+    /// (`sockets_tracked` first, derived).
     pub fn iter(&self) -> impl Iterator<Item = (&'static str, u64)> {
         [
+            ("sockets_tracked", self.sockets_tracked()),
             ("sockets_enrolled", self.sockets_enrolled),
             ("sockets_removed", self.sockets_removed),
             ("enroll_errors", self.enroll_errors),
@@ -123,6 +125,19 @@ impl Counters {
     }
 }
 
+/// One line: `name=value` pairs separated by spaces.
+impl std::fmt::Display for Counters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (name, v)) in self.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            write!(f, "{name}={v}")?;
+        }
+        Ok(())
+    }
+}
+
 pub(crate) fn read(maps: &MapSet) -> Result<Counters> {
     let m = maps
         .get("meshpath_counters")
@@ -158,4 +173,46 @@ pub(crate) fn read(maps: &MapSet) -> Result<Counters> {
         fallback_peer_tcp: get(CounterId::MP_C_FALLBACK_PEER_TCP)?,
         sockets_evicted: get(CounterId::MP_C_SOCK_EVICTED)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kernel_counter_has_a_field() {
+        // iter() lists the derived sockets_tracked plus one per counter.
+        assert_eq!(
+            Counters::default().iter().count() as u32,
+            CounterId::MP_C_MAX.0 + 1
+        );
+    }
+
+    #[test]
+    fn display_is_one_line_of_pairs() {
+        let c = Counters {
+            sockets_enrolled: 3,
+            sockets_removed: 1,
+            ..Default::default()
+        };
+        let s = c.to_string();
+        assert!(!s.contains('\n'));
+        assert!(s.starts_with("sockets_tracked=2 sockets_enrolled=3 sockets_removed=1 "));
+    }
+
+    #[test]
+    fn since_subtracts_every_field() {
+        let a = Counters {
+            msgs_redirected: 10,
+            sockets_evicted: 4,
+            ..Default::default()
+        };
+        let b = Counters {
+            msgs_redirected: 25,
+            sockets_evicted: 5,
+            ..Default::default()
+        };
+        let d = b.since(&a);
+        assert_eq!((d.msgs_redirected, d.sockets_evicted), (15, 1));
+    }
 }

@@ -208,3 +208,35 @@ impl WriteChecked for std::net::TcpStream {
         std::io::Write::write_all(self, b).unwrap();
     }
 }
+
+#[test]
+fn one_cgroup_attaches_once_and_nested_cgroups_enroll_once() {
+    let env = Env::new("attach_once");
+    let err = env.dp.attach_cgroup(env.cgroup.path()).unwrap_err();
+    assert!(err.to_string().contains("already attached"), "{err}");
+    // A child cgroup attached too: its sockets see both attachments' programs.
+    let child = ScopedCgroup::new_in(env.cgroup.path(), "child").unwrap();
+    let att = env.dp.attach_cgroup(child.path()).unwrap();
+    let before = env.counters();
+    let (c, s) = {
+        let _in = child.enter().unwrap();
+        tcp_pair("127.0.0.5:0")
+    };
+    let srv = echo_server(s);
+    let mut c = c;
+    echo_rounds(&mut c, 100, 10);
+    let d = env.counters().since(&before);
+    assert_eq!(d.sockets_enrolled, 2, "enrolled once each: {d:?}");
+    let st = env.dp.socket_state(&c).unwrap().expect("enrolled");
+    assert!(st.is_short_circuited(), "{st:?}");
+    assert_eq!(st.msgs_redirected, 10);
+    drop(c);
+    srv.join().unwrap();
+    env.wait_empty(Duration::from_secs(5));
+    let d = env.counters().since(&before);
+    assert_eq!(d.sockets_tracked(), 0, "removed once each: {d:?}");
+    // Detaching frees the cgroup for a new attachment.
+    drop(att);
+    let again = env.dp.attach_cgroup(child.path()).unwrap();
+    drop(again);
+}

@@ -2,7 +2,9 @@
 
 use std::net::SocketAddr;
 
-use crate::abi::{SockEntry, SockFlags, SockKey};
+use std::os::fd::{AsFd, AsRawFd};
+
+use crate::abi::{DirMode, SockEntry, SockFlags, SockKey, SockReason, SockState};
 use crate::datapath::Datapath;
 use crate::error::Result;
 
@@ -27,7 +29,106 @@ pub struct SocketEntry {
     pub no_redirect: bool,
 }
 
+/// How a socket's sends travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Nothing sent yet since enrollment.
+    Undecided,
+    /// Straight into the peer socket.
+    Redirect,
+    /// Through the TCP stack, for the rest of the connection.
+    Tcp,
+}
+
+/// Why a socket's sends take TCP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TcpReason {
+    /// The peer was not enrolled when data was sent.
+    NoPeer,
+    /// The peer asked for TCP (it set SO_RCVLOWAT).
+    PeerOptOut,
+    /// The datapath was draining.
+    Draining,
+    /// Bytes went through TCP before enrollment (TCP Fast Open).
+    SentBefore,
+    /// The peer busy-polls.
+    PeerBusy,
+    /// The peer's sends went TCP, or the connection left the short-circuit.
+    PeerTcp,
+    /// Something else (a newer datapath's reason).
+    Other(u8),
+}
+
+/// What the datapath knows about one socket of this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SocketState {
+    /// Socket cookie.
+    pub cookie: u64,
+    /// Enrolled since its connection was established (until it closes).
+    pub enrolled: bool,
+    /// It left the short-circuit early (both directions on TCP).
+    pub evicted: bool,
+    /// How its sends travel.
+    pub direction: Direction,
+    /// Why its sends take TCP, when they do.
+    pub tcp_reason: Option<TcpReason>,
+    /// Messages and bytes it sent straight into its peer.
+    pub msgs_redirected: u64,
+    /// Bytes it sent straight into its peer.
+    pub bytes_redirected: u64,
+    /// Messages it sent through TCP while enrolled.
+    pub msgs_tcp: u64,
+    /// Bytes it sent through TCP while enrolled.
+    pub bytes_tcp: u64,
+}
+
+impl SocketState {
+    /// Whether its sends currently go straight into the peer.
+    pub fn is_short_circuited(&self) -> bool {
+        self.enrolled && !self.evicted && self.direction != Direction::Tcp
+    }
+
+    fn from_raw(s: &SockState) -> SocketState {
+        let direction = match u32::from(s.mode) {
+            m if m == DirMode::MP_DIR_REDIRECT.0 => Direction::Redirect,
+            m if m == DirMode::MP_DIR_TCP.0 => Direction::Tcp,
+            _ => Direction::Undecided,
+        };
+        let r = u32::from(s.reason);
+        let tcp_reason = (direction == Direction::Tcp).then(|| match r {
+            x if x == SockReason::MP_REASON_NO_PEER.0 => TcpReason::NoPeer,
+            x if x == SockReason::MP_REASON_PEER_OPTOUT.0 => TcpReason::PeerOptOut,
+            x if x == SockReason::MP_REASON_DRAINING.0 => TcpReason::Draining,
+            x if x == SockReason::MP_REASON_SENT_BEFORE.0 => TcpReason::SentBefore,
+            x if x == SockReason::MP_REASON_PEER_BUSY.0 => TcpReason::PeerBusy,
+            x if x == SockReason::MP_REASON_PEER_TCP.0 => TcpReason::PeerTcp,
+            x => TcpReason::Other(x as u8),
+        });
+        SocketState {
+            cookie: s.cookie,
+            enrolled: s.enrolled != 0,
+            evicted: s.evicted != 0,
+            direction,
+            tcp_reason,
+            msgs_redirected: s.msgs_redir,
+            bytes_redirected: s.bytes_redir,
+            msgs_tcp: s.msgs_tcp,
+            bytes_tcp: s.bytes_tcp,
+        }
+    }
+}
+
 impl Datapath {
+    /// The datapath's state for a socket of this process (`None` if it was
+    /// never enrolled).
+    pub fn socket_state(&self, socket: &impl AsFd) -> Result<Option<SocketState>> {
+        let state = self.maps().typed::<i32, SockState>("meshpath_sock_state")?;
+        let fd = socket.as_fd().as_raw_fd();
+        Ok(state.lookup(&fd)?.map(|s| SocketState::from_raw(&s)))
+    }
+
     /// Every socket in the short-circuit index (a snapshot).
     pub fn sockets(&self) -> Result<Vec<SocketEntry>> {
         let index = self
