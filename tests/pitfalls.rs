@@ -437,6 +437,11 @@ fn busy_polling_receiver_moves_the_connection_to_tcp() {
     }
     let s = server.join().unwrap();
     let d = env.counters().since(&before);
+    for sock in [&c, &s] {
+        let st = env.dp.socket_state(sock).unwrap().expect("was enrolled");
+        assert!(st.evicted && !st.is_short_circuited(), "{st:?}");
+        assert_eq!(st.direction, meshpath::Direction::Tcp);
+    }
     assert!(
         d.fallback_peer_busy >= 1,
         "the spinner was recognised: {d:?}"
