@@ -23,6 +23,7 @@
  * plain TCP costs.
  */
 #include "lib/common.h"
+#include "lib/policy.h"
 #include "lib/psock.h"
 #include "lib/settings.h"
 #include "lib/sock.h"
@@ -85,6 +86,7 @@ int meshpath_sk_msg(struct sk_msg_md *msg)
 	struct mp_settings *cfg;
 	struct bpf_sock *sk;
 	__u32 size = msg->size;
+	__u64 word;
 
 	sk = msg->sk;
 	if (!sk)
@@ -94,13 +96,25 @@ int meshpath_sk_msg(struct sk_msg_md *msg)
 	if (!st)
 		return mp_fallback(NULL, NULL, size, MP_C_FALLBACK_NO_STATE,
 				   MP_REASON_NONE);
+	if (!mp_key_from_msg(msg, &key))
+		return mp_fallback(st, NULL, size, MP_C_FALLBACK_NO_STATE,
+				   MP_REASON_NONE);
+	/* Policy changed since this flow was judged: judge it again.  A
+	 * denied flow's messages are dropped (the sender sees EACCES) until
+	 * the reset iterator aborts the connection. */
+	word = mp_policy_word();
+	if (mp_policy_on(word) && st->policy_gen != mp_policy_gen(word)) {
+		st->verdict = mp_policy_sock_flow(word, &key, st->client);
+		st->policy_gen = mp_policy_gen(word);
+	}
+	if (mp_policy_on(word) && !mp_verdict_passes(st->verdict)) {
+		mp_verdict_count(MP_POINT_SHORTCIRCUIT, st->verdict);
+		return SK_DROP;
+	}
 	if (st->mode == MP_DIR_TCP)
 		return mp_fallback(st, NULL, size, MP_C_FALLBACK_STICKY,
 				   st->reason);
 	cfg = mp_settings();
-	if (!mp_key_from_msg(msg, &key))
-		return mp_fallback(st, NULL, size, MP_C_FALLBACK_NO_STATE,
-				   MP_REASON_NONE);
 	if (!cfg || cfg->draining)
 		return mp_fallback(st, &key, size, MP_C_FALLBACK_DRAINING,
 				   MP_REASON_DRAINING);

@@ -21,6 +21,7 @@
  * redirected connection never does, so they cost nothing until then.
  */
 #include "lib/common.h"
+#include "lib/policy.h"
 #include "lib/psock.h"
 #include "lib/settings.h"
 #include "lib/sock.h"
@@ -56,7 +57,15 @@ MP_ALWAYS_INLINE bool mp_peer_may_be_local(const struct mp_sock_key *k)
 	return bpf_map_lookup_elem(&meshpath_local_nets, &lpm) != NULL;
 }
 
-MP_ALWAYS_INLINE void mp_enroll(struct bpf_sock_ops *skops, bool active)
+/*
+ * An established TCP socket of an attached cgroup: track it (its role and
+ * its flow's verdict, for sk_msg and the reset iterator), and enroll it
+ * into the short-circuit when `shortcircuit` and the rules above allow.
+ * A flow that policy denies is never enrolled: its packets meet the
+ * packet hooks, which drop them.
+ */
+MP_ALWAYS_INLINE void mp_established(struct bpf_sock_ops *skops, bool active,
+				     bool shortcircuit)
 {
 	struct mp_sock_entry entry = {};
 	struct mp_sock_key key = {};
@@ -65,14 +74,39 @@ MP_ALWAYS_INLINE void mp_enroll(struct bpf_sock_ops *skops, bool active)
 	struct mp_settings *cfg;
 	struct bpf_sock *sk;
 	struct tcp_sock *tp;
+	__u64 word;
 
-	cfg = mp_settings();
-	if (!cfg || !cfg->shortcircuit || cfg->draining)
-		return;
 	if (!mp_key_from_sockops(skops, &key)) {
 		mp_count(MP_C_SOCK_SKIP_FAMILY);
 		return;
 	}
+	sk = skops->sk;
+	if (!sk)
+		return;
+	st = bpf_sk_storage_get(&meshpath_sock_state, sk, 0,
+				BPF_SK_STORAGE_GET_F_CREATE);
+	if (!st) {
+		mp_count(MP_C_SOCK_ENROLL_ERR);
+		return;
+	}
+	/* Nested cgroups attached to one datapath run this program once per
+	 * attachment: act once. */
+	if (st->tracked)
+		return;
+	st->tracked = 1;
+	st->client = active;
+	st->cookie = bpf_get_socket_cookie(skops);
+	word = mp_policy_word();
+	st->policy_gen = mp_policy_gen(word);
+	st->verdict = mp_policy_sock_flow(word, &key, active);
+	if (mp_policy_on(word))
+		mp_verdict_count(MP_POINT_SHORTCIRCUIT, st->verdict);
+	if (!mp_verdict_passes(st->verdict) || !shortcircuit)
+		return;
+
+	cfg = mp_settings();
+	if (!cfg || !cfg->shortcircuit || cfg->draining)
+		return;
 	if (mp_port_bypassed(&key)) {
 		mp_count(MP_C_SOCK_SKIP_BYPASS);
 		return;
@@ -90,20 +124,6 @@ MP_ALWAYS_INLINE void mp_enroll(struct bpf_sock_ops *skops, bool active)
 		}
 	}
 
-	sk = skops->sk;
-	if (!sk)
-		return;
-	st = bpf_sk_storage_get(&meshpath_sock_state, sk, 0,
-				BPF_SK_STORAGE_GET_F_CREATE);
-	if (!st) {
-		mp_count(MP_C_SOCK_ENROLL_ERR);
-		return;
-	}
-	/* Nested cgroups attached to one datapath run this program once per
-	 * attachment: enroll once. */
-	if (st->enrolled)
-		return;
-	st->cookie = bpf_get_socket_cookie(skops);
 	st->rcv_nxt0 = skops->rcv_nxt;
 	/* Bytes this side already sent through TCP (TCP Fast Open data) may
 	 * still sit unread in the peer's receive queue; the kernel would
@@ -258,15 +278,14 @@ MP_ALWAYS_INLINE void mp_forget(struct bpf_sock_ops *skops)
 		mp_count(MP_C_SOCK_REMOVED);
 }
 
-SEC("sockops")
-int meshpath_sockops(struct bpf_sock_ops *skops)
+MP_ALWAYS_INLINE int mp_sockops(struct bpf_sock_ops *skops, bool shortcircuit)
 {
 	switch (skops->op) {
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
-		mp_enroll(skops, true);
+		mp_established(skops, true, shortcircuit);
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
-		mp_enroll(skops, false);
+		mp_established(skops, false, shortcircuit);
 		break;
 	case BPF_SOCK_OPS_RTT_CB:
 	case BPF_SOCK_OPS_PARSE_HDR_OPT_CB:
@@ -280,4 +299,18 @@ int meshpath_sockops(struct bpf_sock_ops *skops)
 		break;
 	}
 	return 1;
+}
+
+/* For cgroups with the short-circuit (AttachOptions::short_circuit). */
+SEC("sockops")
+int meshpath_sockops(struct bpf_sock_ops *skops)
+{
+	return mp_sockops(skops, true);
+}
+
+/* For cgroups without it: policy tracking only. */
+SEC("sockops")
+int meshpath_sockops_track(struct bpf_sock_ops *skops)
+{
+	return mp_sockops(skops, false);
 }

@@ -11,10 +11,14 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use crate::skel::sockops::types;
 
 pub use types::{
-    mp_abi as Abi, mp_bypass_flags as BypassFlags, mp_counter as CounterId, mp_dir_mode as DirMode,
-    mp_lpm_key as LpmKey, mp_settings as Settings, mp_sock_entry as SockEntry,
+    mp_abi as Abi, mp_action as Action, mp_bypass_flags as BypassFlags, mp_counter as CounterId,
+    mp_dir_mode as DirMode, mp_endpoint as EndpointValue, mp_identity_limits as IdentityLimits,
+    mp_identity_name as IdentityName, mp_identity_reserved as IdentityReserved,
+    mp_lpm_key as LpmKey, mp_point as PointId, mp_policy_key as PolicyKey,
+    mp_policy_value as PolicyValue, mp_policy_word as PolicyWord, mp_proto as Proto,
+    mp_settings as Settings, mp_shape_bits as ShapeBits, mp_sock_entry as SockEntry,
     mp_sock_flags as SockFlags, mp_sock_key as SockKey, mp_sock_reason as SockReason,
-    mp_sock_state as SockState,
+    mp_sock_state as SockState, mp_verdict as VerdictId,
 };
 
 /// The layout version this build of the library writes and accepts.
@@ -33,6 +37,36 @@ unsafe impl plain::Plain for SockState {}
 unsafe impl plain::Plain for Settings {}
 // SAFETY: see above.
 unsafe impl plain::Plain for LpmKey {}
+// SAFETY: see above.
+unsafe impl plain::Plain for PolicyKey {}
+// SAFETY: see above.
+unsafe impl plain::Plain for PolicyValue {}
+// SAFETY: see above.
+unsafe impl plain::Plain for EndpointValue {}
+// SAFETY: see above.
+unsafe impl plain::Plain for IdentityName {}
+
+/// Packs the policy word (see `enum mp_policy_word` in abi.h).
+pub(crate) fn policy_word(gen: u32, on: bool, default_action: u8, epoch: u32) -> u64 {
+    (u64::from(gen) << PolicyWord::MP_POLICY_GEN_SHIFT.0)
+        | (u64::from(default_action & 0xf) << PolicyWord::MP_POLICY_DEFAULT_SHIFT.0)
+        | if on {
+            u64::from(PolicyWord::MP_POLICY_ON_BIT.0)
+        } else {
+            0
+        }
+        | u64::from(epoch & PolicyWord::MP_POLICY_EPOCH_BIT.0)
+}
+
+/// The policy word's fields: (generation, on, default action, epoch).
+pub(crate) fn policy_word_parts(w: u64) -> (u32, bool, u8, u32) {
+    (
+        (w >> PolicyWord::MP_POLICY_GEN_SHIFT.0) as u32,
+        w & u64::from(PolicyWord::MP_POLICY_ON_BIT.0) != 0,
+        ((w >> PolicyWord::MP_POLICY_DEFAULT_SHIFT.0) & 0xf) as u8,
+        (w & u64::from(PolicyWord::MP_POLICY_EPOCH_BIT.0)) as u32,
+    )
+}
 
 /// An address as the maps store it: 16 bytes, network order, IPv4 mapped.
 pub(crate) fn ip_to_words(ip: IpAddr) -> [u32; 4] {
@@ -111,6 +145,16 @@ impl SockKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_policy_word_round_trips() {
+        for (gen, on, d, e) in [(0, false, 0, 0), (1, true, 2, 1), (u32::MAX, true, 15, 0)] {
+            assert_eq!(
+                policy_word_parts(policy_word(gen, on, d, e)),
+                (gen, on, d, e)
+            );
+        }
+    }
 
     #[test]
     fn v4_is_stored_mapped_and_comes_back_v4() {

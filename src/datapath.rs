@@ -27,6 +27,13 @@ pub(crate) const KNOWN_MAPS: &[&str] = &[
     "meshpath_local_nets",
     "meshpath_settings",
     "meshpath_counters",
+    "meshpath_endpoints_0",
+    "meshpath_endpoints_1",
+    "meshpath_policy_0",
+    "meshpath_policy_1",
+    "meshpath_policy_shapes",
+    "meshpath_identities",
+    "meshpath_verdicts",
 ];
 
 /// How to load the datapath.
@@ -52,6 +59,12 @@ pub struct DatapathOptions {
     /// reads) to plain TCP, where this kernel serves them faster (default
     /// true; see ARCHITECTURE.md, "Busy-polling receivers").
     pub busy_poll_detect: bool,
+    /// Capacity of the endpoint maps (addresses and prefixes) and of the
+    /// identity names map. Default 16,384.
+    pub max_endpoints: u32,
+    /// Capacity of the policy maps (one entry per rule and port).
+    /// Default 16,384.
+    pub max_policies: u32,
 }
 
 impl Default for DatapathOptions {
@@ -63,11 +76,25 @@ impl Default for DatapathOptions {
             rcvlowat_optout: true,
             probe_quirks: true,
             busy_poll_detect: true,
+            max_endpoints: 16_384,
+            max_policies: 16_384,
         }
     }
 }
 
 impl DatapathOptions {
+    /// Sets the endpoint map capacity.
+    pub fn max_endpoints(mut self, n: u32) -> Self {
+        self.max_endpoints = n;
+        self
+    }
+
+    /// Sets the policy map capacity.
+    pub fn max_policies(mut self, n: u32) -> Self {
+        self.max_policies = n;
+        self
+    }
+
     /// Sets the socket map capacity.
     pub fn max_sockets(mut self, n: u32) -> Self {
         self.max_sockets = n;
@@ -99,11 +126,17 @@ impl DatapathOptions {
     }
 
     fn validate(&self) -> Result<()> {
-        if self.max_sockets < 2 || self.max_sockets > 1 << 24 {
-            return Err(Error::invalid(
-                "max_sockets",
-                format!("{} is outside 2..=16777216", self.max_sockets),
-            ));
+        for (field, v) in [
+            ("max_sockets", self.max_sockets),
+            ("max_endpoints", self.max_endpoints),
+            ("max_policies", self.max_policies),
+        ] {
+            if !(2..=1 << 24).contains(&v) {
+                return Err(Error::invalid(
+                    field,
+                    format!("{v} is outside 2..=16777216"),
+                ));
+            }
         }
         Ok(())
     }
@@ -111,6 +144,10 @@ impl DatapathOptions {
     fn max_entries_for(&self, map: &str) -> Option<u32> {
         match map {
             "meshpath_sockets" | "meshpath_sock_index" => Some(self.max_sockets),
+            "meshpath_endpoints_0" | "meshpath_endpoints_1" | "meshpath_identities" => {
+                Some(self.max_endpoints)
+            }
+            "meshpath_policy_0" | "meshpath_policy_1" => Some(self.max_policies),
             _ => None,
         }
     }
@@ -140,12 +177,19 @@ pub(crate) struct Inner {
     pub(crate) _msg_attach: SockmapAttachment,
     pub(crate) sockops: Loaded<skel::sockops::SockopsSkel<'static>>,
     pub(crate) sockopt: Loaded<skel::sockopt::SockoptSkel<'static>>,
+    pub(crate) connect: Loaded<skel::connect::ConnectSkel<'static>>,
+    pub(crate) skb: Loaded<skel::skb::SkbSkel<'static>>,
+    pub(crate) reset: Loaded<skel::reset::ResetSkel<'static>>,
     pub(crate) _sk_msg: Loaded<skel::sk_msg::SkMsgSkel<'static>>,
     pub(crate) maps: MapSet,
     pub(crate) quirks: KernelQuirks,
     pub(crate) pin_dir: Option<PathBuf>,
     /// Cgroup ids attached through this datapath (one attachment each).
     pub(crate) attached: std::sync::Mutex<std::collections::HashSet<u64>>,
+    /// Serialises read-modify-write of meshpath_settings.
+    pub(crate) settings_lock: std::sync::Mutex<()>,
+    /// The desired policy state and its compiled form (policy.rs).
+    pub(crate) policy: std::sync::Mutex<crate::policy::PolicySlot>,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -194,7 +238,31 @@ impl Datapath {
             opts,
             pin,
         )?;
+        let connect = load_object(
+            "connect",
+            skel::connect::ConnectSkelBuilder::default(),
+            &mut maps,
+            opts,
+            pin,
+        )?;
+        let skb = load_object(
+            "skb",
+            skel::skb::SkbSkelBuilder::default(),
+            &mut maps,
+            opts,
+            pin,
+        )?;
+        let reset = load_object(
+            "reset",
+            skel::reset::ResetSkelBuilder::default(),
+            &mut maps,
+            opts,
+            pin,
+        )?;
 
+        // An adopted datapath keeps enforcing its policy until the new
+        // owner replaces it: no gap.
+        let adopted_policy = read_settings(&maps)?.policy;
         write_settings(
             &maps,
             &Settings {
@@ -203,7 +271,7 @@ impl Datapath {
                 shortcircuit: u8::from(opts.short_circuit),
                 optout_rcvlowat: u8::from(opts.rcvlowat_optout),
                 busy_detect: u8::from(opts.busy_poll_detect),
-                ..Default::default()
+                policy: adopted_policy,
             },
         )?;
 
@@ -224,11 +292,16 @@ impl Datapath {
             _msg_attach: msg_attach,
             sockops,
             sockopt,
+            connect,
+            skb,
+            reset,
             _sk_msg: sk_msg,
             maps,
             quirks: KernelQuirks::default(),
             pin_dir,
             attached: Default::default(),
+            settings_lock: Default::default(),
+            policy: Default::default(),
         };
         if opts.probe_quirks {
             inner.quirks = probe::probe_readiness(&inner.maps)?;
@@ -298,9 +371,11 @@ impl Datapath {
                     source,
                 })
         };
+        let i = &self.inner;
         let mut links = Vec::new();
+        // One sockops program per cgroup: with the short-circuit, or the
+        // one that only tracks flows for policy.
         if opts.short_circuit {
-            let i = &self.inner;
             links.push(attach(
                 "meshpath_sockops",
                 &i.sockops.progs.meshpath_sockops,
@@ -309,6 +384,20 @@ impl Datapath {
                 "meshpath_setsockopt",
                 &i.sockopt.progs.meshpath_setsockopt,
             )?);
+        } else if opts.policy {
+            links.push(attach(
+                "meshpath_sockops_track",
+                &i.sockops.progs.meshpath_sockops_track,
+            )?);
+        }
+        if opts.policy {
+            let c = &i.connect.progs;
+            links.push(attach("meshpath_connect4", &c.meshpath_connect4)?);
+            links.push(attach("meshpath_connect6", &c.meshpath_connect6)?);
+            links.push(attach("meshpath_sendmsg4", &c.meshpath_sendmsg4)?);
+            links.push(attach("meshpath_sendmsg6", &c.meshpath_sendmsg6)?);
+            links.push(attach("meshpath_ingress", &i.skb.progs.meshpath_ingress)?);
+            links.push(attach("meshpath_egress", &i.skb.progs.meshpath_egress)?);
         }
         Ok(links)
     }
@@ -326,6 +415,11 @@ impl Datapath {
         stats::read(&self.inner.maps)
     }
 
+    /// Policy verdicts per enforcement point, summed over CPUs.
+    pub fn verdicts(&self) -> Result<stats::Verdicts> {
+        stats::read_verdicts(&self.inner.maps)
+    }
+
     /// What the load-time probe found about this kernel.
     pub fn quirks(&self) -> &KernelQuirks {
         &self.inner.quirks
@@ -339,8 +433,18 @@ impl Datapath {
     /// Turns enrollment of new sockets on or off at run time. Sockets
     /// already short-circuited stay so until they close.
     pub fn set_short_circuit(&self, on: bool) -> Result<()> {
+        self.update_settings(|s| s.shortcircuit = u8::from(on))
+    }
+
+    /// Read-modify-write of the settings, serialised with every other.
+    pub(crate) fn update_settings(&self, f: impl FnOnce(&mut Settings)) -> Result<()> {
+        let _g = self
+            .inner
+            .settings_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let mut s = read_settings(&self.inner.maps)?;
-        s.shortcircuit = u8::from(on);
+        f(&mut s);
         write_settings(&self.inner.maps, &s)
     }
 
@@ -352,9 +456,7 @@ impl Datapath {
     /// SOCKHASH. Nothing is lost or reordered. [`Datapath::undrain`]
     /// resumes.
     pub fn drain(&self, timeout: std::time::Duration) -> Result<usize> {
-        let mut s = read_settings(&self.inner.maps)?;
-        s.draining = 1;
-        write_settings(&self.inner.maps, &s)?;
+        self.update_settings(|s| s.draining = 1)?;
         let deadline = std::time::Instant::now() + timeout;
         loop {
             let left = self.sockhash_len()?;
@@ -367,9 +469,7 @@ impl Datapath {
 
     /// Ends a [`Datapath::drain`]: new connections are enrolled again.
     pub fn undrain(&self) -> Result<()> {
-        let mut s = read_settings(&self.inner.maps)?;
-        s.draining = 0;
-        write_settings(&self.inner.maps, &s)
+        self.update_settings(|s| s.draining = 0)
     }
 
     /// Keeps connections on `port` off the short-circuit (plain TCP, no
@@ -459,6 +559,10 @@ pub struct AttachOptions {
     pub short_circuit: bool,
     /// Allow attaching to the root of the cgroup hierarchy (default false).
     pub allow_root: bool,
+    /// Enforce policy on this cgroup's workloads: at connect/sendmsg and on
+    /// every packet they send or receive (default true). While no policy
+    /// is set (`Datapath::replace_policy`), everything passes unchecked.
+    pub policy: bool,
 }
 
 impl Default for AttachOptions {
@@ -466,6 +570,7 @@ impl Default for AttachOptions {
         AttachOptions {
             short_circuit: true,
             allow_root: false,
+            policy: true,
         }
     }
 }
@@ -480,6 +585,12 @@ impl AttachOptions {
     /// Allows the root cgroup.
     pub fn allow_root(mut self, on: bool) -> Self {
         self.allow_root = on;
+        self
+    }
+
+    /// Sets whether policy is enforced on the cgroup.
+    pub fn policy(mut self, on: bool) -> Self {
+        self.policy = on;
         self
     }
 }

@@ -110,6 +110,17 @@ pub enum Error {
         what: String,
     },
 
+    /// Two identity names derive the same number.
+    #[error("identities {first} and {second} both derive the number {number}: rename one of them")]
+    IdentityCollision {
+        /// The shared number.
+        number: u32,
+        /// The name known first.
+        first: String,
+        /// The name refused.
+        second: String,
+    },
+
     /// Pinned state that cannot be reused.
     #[error("pinned state in {path}: {reason}")]
     Pinned {

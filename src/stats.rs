@@ -1,6 +1,8 @@
 //! Per-CPU counters, summed over CPUs.
 
-use crate::abi::CounterId;
+use std::collections::BTreeMap;
+
+use crate::abi::{CounterId, PointId, VerdictId};
 use crate::error::{Error, Result};
 use crate::maps::MapSet;
 use crate::sys;
@@ -53,6 +55,8 @@ pub struct Counters {
     /// Sockets that left the short-circuit before closing (both
     /// directions on TCP, queues empty).
     pub sockets_evicted: u64,
+    /// Established flows reset because policy came to deny them.
+    pub policy_resets: u64,
 }
 
 impl Counters {
@@ -89,6 +93,7 @@ impl Counters {
             ("fallback_peer_busy", self.fallback_peer_busy),
             ("fallback_peer_tcp", self.fallback_peer_tcp),
             ("sockets_evicted", self.sockets_evicted),
+            ("policy_resets", self.policy_resets),
         ]
         .into_iter()
     }
@@ -138,6 +143,201 @@ impl std::fmt::Display for Counters {
     }
 }
 
+/// Where a policy verdict was reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Point {
+    /// connect() of TCP or connected UDP (cgroup connect4/6).
+    Connect,
+    /// sendmsg() of unconnected UDP (cgroup sendmsg4/6).
+    Sendmsg,
+    /// A packet a workload receives (cgroup_skb ingress).
+    Ingress,
+    /// A packet a workload sends (cgroup_skb egress).
+    Egress,
+    /// The short-circuit: at enrollment and per message after a change.
+    ShortCircuit,
+    /// XDP on a device.
+    Xdp,
+}
+
+/// What a verdict was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Verdict {
+    /// Allowed by a rule or the default.
+    Allow,
+    /// Denied by a rule or the default.
+    Deny,
+    /// Allowed by an `audit` rule: a would-be drop.
+    Audit,
+    /// An `auth` rule, not authenticated: dropped.
+    AuthRequired,
+    /// A truncated or invalid header: dropped.
+    Malformed,
+    /// A non-first IP fragment: passed (its first fragment is judged).
+    Fragment,
+    /// Not IPv4 or IPv6: passed.
+    NotIp,
+    /// connect/sendmsg before the source address was known: judged on
+    /// the packets instead.
+    NoSource,
+}
+
+impl Point {
+    /// Every point, in index order.
+    pub const ALL: [Point; 6] = [
+        Point::Connect,
+        Point::Sendmsg,
+        Point::Ingress,
+        Point::Egress,
+        Point::ShortCircuit,
+        Point::Xdp,
+    ];
+
+    fn index(self) -> u32 {
+        (match self {
+            Point::Connect => PointId::MP_POINT_CONNECT,
+            Point::Sendmsg => PointId::MP_POINT_SENDMSG,
+            Point::Ingress => PointId::MP_POINT_INGRESS,
+            Point::Egress => PointId::MP_POINT_EGRESS,
+            Point::ShortCircuit => PointId::MP_POINT_SHORTCIRCUIT,
+            Point::Xdp => PointId::MP_POINT_XDP,
+        })
+        .0
+    }
+
+    /// A stable snake_case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Point::Connect => "connect",
+            Point::Sendmsg => "sendmsg",
+            Point::Ingress => "ingress",
+            Point::Egress => "egress",
+            Point::ShortCircuit => "short_circuit",
+            Point::Xdp => "xdp",
+        }
+    }
+}
+
+impl Verdict {
+    /// Every verdict, in index order.
+    pub const ALL: [Verdict; 8] = [
+        Verdict::Allow,
+        Verdict::Deny,
+        Verdict::Audit,
+        Verdict::AuthRequired,
+        Verdict::Malformed,
+        Verdict::Fragment,
+        Verdict::NotIp,
+        Verdict::NoSource,
+    ];
+
+    fn index(self) -> u32 {
+        (match self {
+            Verdict::Allow => VerdictId::MP_V_ALLOW,
+            Verdict::Deny => VerdictId::MP_V_DENY,
+            Verdict::Audit => VerdictId::MP_V_AUDIT,
+            Verdict::AuthRequired => VerdictId::MP_V_AUTH_REQUIRED,
+            Verdict::Malformed => VerdictId::MP_V_MALFORMED,
+            Verdict::Fragment => VerdictId::MP_V_FRAGMENT,
+            Verdict::NotIp => VerdictId::MP_V_NOT_IP,
+            Verdict::NoSource => VerdictId::MP_V_NO_SOURCE,
+        })
+        .0
+    }
+
+    /// A stable snake_case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::Deny => "deny",
+            Verdict::Audit => "audit",
+            Verdict::AuthRequired => "auth_required",
+            Verdict::Malformed => "malformed",
+            Verdict::Fragment => "fragment",
+            Verdict::NotIp => "not_ip",
+            Verdict::NoSource => "no_source",
+        }
+    }
+
+    /// Whether traffic with this verdict passes.
+    pub fn passes(self) -> bool {
+        matches!(
+            self,
+            Verdict::Allow
+                | Verdict::Audit
+                | Verdict::Fragment
+                | Verdict::NotIp
+                | Verdict::NoSource
+        )
+    }
+}
+
+/// Policy verdict counters per point, summed over CPUs.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Verdicts {
+    counts: BTreeMap<(Point, Verdict), u64>,
+}
+
+impl Verdicts {
+    /// The count of `verdict` at `point`.
+    pub fn get(&self, point: Point, verdict: Verdict) -> u64 {
+        self.counts.get(&(point, verdict)).copied().unwrap_or(0)
+    }
+
+    /// Everything dropped at `point`.
+    pub fn dropped(&self, point: Point) -> u64 {
+        Verdict::ALL
+            .iter()
+            .filter(|v| !v.passes())
+            .map(|v| self.get(point, *v))
+            .sum()
+    }
+
+    /// Every (point, verdict, count).
+    pub fn iter(&self) -> impl Iterator<Item = (Point, Verdict, u64)> + '_ {
+        self.counts.iter().map(|((p, v), n)| (*p, *v, *n))
+    }
+
+    /// The change from `earlier` to `self`.
+    pub fn since(&self, earlier: &Verdicts) -> Verdicts {
+        Verdicts {
+            counts: self
+                .counts
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        *k,
+                        v.saturating_sub(earlier.counts.get(k).copied().unwrap_or(0)),
+                    )
+                })
+                .collect(),
+        }
+    }
+}
+
+pub(crate) fn read_verdicts(maps: &MapSet) -> Result<Verdicts> {
+    let m = maps
+        .get("meshpath_verdicts")
+        .ok_or_else(|| Error::invalid("datapath", "verdicts map missing"))?;
+    let fd = std::os::fd::AsFd::as_fd(&m.fd);
+    let mut out = Verdicts::default();
+    for p in Point::ALL {
+        for v in Verdict::ALL {
+            let idx = p.index() * VerdictId::MP_V_MAX.0 + v.index();
+            let per_cpu = sys::lookup_percpu_u64(fd, &idx).map_err(|source| Error::Map {
+                map: "meshpath_verdicts",
+                op: "reading a verdict counter",
+                source,
+            })?;
+            out.counts.insert(
+                (p, v),
+                per_cpu.iter().copied().fold(0u64, u64::wrapping_add),
+            );
+        }
+    }
+    Ok(out)
+}
+
 pub(crate) fn read(maps: &MapSet) -> Result<Counters> {
     let m = maps
         .get("meshpath_counters")
@@ -172,6 +372,7 @@ pub(crate) fn read(maps: &MapSet) -> Result<Counters> {
         fallback_peer_busy: get(CounterId::MP_C_FALLBACK_PEER_BUSY)?,
         fallback_peer_tcp: get(CounterId::MP_C_FALLBACK_PEER_TCP)?,
         sockets_evicted: get(CounterId::MP_C_SOCK_EVICTED)?,
+        policy_resets: get(CounterId::MP_C_POLICY_RESET)?,
     })
 }
 
@@ -186,6 +387,18 @@ mod tests {
             Counters::default().iter().count() as u32,
             CounterId::MP_C_MAX.0 + 1
         );
+    }
+
+    #[test]
+    fn every_point_and_verdict_has_a_variant() {
+        assert_eq!(Point::ALL.len() as u32, PointId::MP_POINT_MAX.0);
+        assert_eq!(Verdict::ALL.len() as u32, VerdictId::MP_V_MAX.0);
+        for (i, p) in Point::ALL.iter().enumerate() {
+            assert_eq!(p.index(), i as u32);
+        }
+        for (i, v) in Verdict::ALL.iter().enumerate() {
+            assert_eq!(v.index(), i as u32);
+        }
     }
 
     #[test]

@@ -143,10 +143,11 @@ fn sock_state_layout() {
                 reason,
                 busy_score,
                 evicted,
-                pad0,
-                pad1,
+                client,
+                verdict,
+                tracked,
                 rcv_nxt0,
-                pad2
+                policy_gen
             ]
         ),
     );
@@ -164,7 +165,7 @@ fn settings_layout() {
                 shortcircuit,
                 optout_rcvlowat,
                 busy_detect,
-                pad1
+                policy
             ]
         ),
     );
@@ -173,6 +174,41 @@ fn settings_layout() {
 #[test]
 fn lpm_key_layout() {
     check("mp_lpm_key", rust_layout!(LpmKey, [prefixlen, addr]));
+}
+
+#[test]
+fn endpoint_layout() {
+    check(
+        "mp_endpoint",
+        rust_layout!(meshpath::abi::EndpointValue, [identity, flags]),
+    );
+}
+
+#[test]
+fn policy_key_layout() {
+    check(
+        "mp_policy_key",
+        rust_layout!(
+            meshpath::abi::PolicyKey,
+            [src_id, dst_id, dport, proto, pad]
+        ),
+    );
+}
+
+#[test]
+fn policy_value_layout() {
+    check(
+        "mp_policy_value",
+        rust_layout!(meshpath::abi::PolicyValue, [action, pad, rule]),
+    );
+}
+
+#[test]
+fn identity_name_layout() {
+    check(
+        "mp_identity_name",
+        rust_layout!(meshpath::abi::IdentityName, [len, name]),
+    );
 }
 
 #[test]

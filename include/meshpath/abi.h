@@ -88,11 +88,11 @@ struct mp_sock_state {
 	__u8 reason;	   /* enum mp_sock_reason, why mode is TCP */
 	__u8 busy_score;   /* evidence that the peer busy-polls, see sk_msg */
 	__u8 evicted;	   /* 1 once it left meshpath_sockets before closing */
-	__u8 pad0;
-	__u16 pad1;
-	__u32
-	    rcv_nxt0; /* rcv_nxt at enrollment: TCP payload arrived if moved */
-	__u32 pad2;
+	__u8 client;	   /* 1: this end connected (active open) */
+	__u8 verdict;	   /* enum mp_verdict of its flow at policy_gen */
+	__u8 tracked;	   /* 1: established in an attached cgroup */
+	__u32 rcv_nxt0;	   /* rcv_nxt at enrollment: TCP payload if moved */
+	__u32 policy_gen;  /* policy generation the verdict was reached at */
 };
 
 /*
@@ -157,6 +157,7 @@ enum mp_counter {
 	MP_C_FALLBACK_PEER_BUSY,   /* ... because the peer busy-polls */
 	MP_C_FALLBACK_PEER_TCP,	   /* ... because the peer went TCP */
 	MP_C_SOCK_EVICTED, /* sockets that left the map, both ways TCP */
+	MP_C_POLICY_RESET, /* established flows reset: policy now denies */
 	MP_C_MAX,
 };
 
@@ -170,7 +171,128 @@ struct mp_settings {
 	__u8 shortcircuit;    /* 1: enroll sockets (0 keeps all on TCP) */
 	__u8 optout_rcvlowat; /* 1: SO_RCVLOWAT > 1 keeps a socket on TCP */
 	__u8 busy_detect;     /* 1: a peer whose lock is held gets TCP */
-	__u64 pad1;
+	__u64 policy;	      /* the policy word, see enum mp_policy_word */
+};
+
+/*
+ * mp_settings.policy packs everything a policy decision depends on
+ * besides the maps into one aligned 64-bit word: programs load it once
+ * and the library stores it once, so no decision ever sees the epoch of
+ * one policy state with the default action or generation of another.
+ */
+enum mp_policy_word {
+	MP_POLICY_EPOCH_BIT = 1 << 0, /* live maps: meshpath_*_0 or _1 */
+	MP_POLICY_ON_BIT = 1 << 1,    /* 0: no policy, nothing is checked */
+	MP_POLICY_DEFAULT_SHIFT = 4,  /* bits 4..7: enum mp_action, no match */
+	MP_POLICY_GEN_SHIFT = 32,     /* bits 32..63: bumped on every change */
+};
+
+/* ---------------------------------------------------------------------
+ * Identities, endpoints, policy
+ *
+ * Endpoint and policy maps come in two copies, _0 and _1; the policy
+ * word's epoch bit says which one programs use.  A whole-state replace
+ * fills the idle copy, flips the bit, then brings the other copy up to
+ * date: every decision sees one complete state, old or new.
+ * ------------------------------------------------------------------- */
+
+/* Numeric identities below MP_ID_FIRST_DERIVED are reserved; the others
+ * are derived from the workload's SPIFFE ID (src/policy/identity.rs). */
+enum mp_identity_reserved {
+	MP_ID_ANY = 0,	 /* wildcard in policy keys; no endpoint has it */
+	MP_ID_HOST = 1,	 /* this node */
+	MP_ID_WORLD = 2, /* an address no endpoint covers */
+	MP_ID_FIRST_DERIVED = 256,
+};
+
+/* Value of meshpath_identities (HASH keyed by __u32 identity): the name
+ * the number was derived from, for observers and restarted agents.
+ * Names longer than MP_IDENTITY_NAME_MAX bytes are refused. */
+enum mp_identity_limits {
+	MP_IDENTITY_NAME_MAX = 252,
+};
+
+struct mp_identity_name {
+	__u32 len;
+	__u8 name[252]; /* MP_IDENTITY_NAME_MAX, not NUL-terminated */
+};
+
+/* Value of meshpath_endpoints_{0,1} (LPM_TRIE keyed by struct
+ * mp_lpm_key): the identity of the addresses under the prefix. */
+struct mp_endpoint {
+	__u32 identity;
+	__u32 flags; /* reserved, 0 */
+};
+
+/* Protocols in policy keys: IANA numbers; ICMPv6 is keyed as ICMP. */
+enum mp_proto {
+	MP_PROTO_ANY = 0,
+	MP_PROTO_ICMP = 1,
+	MP_PROTO_TCP = 6,
+	MP_PROTO_UDP = 17,
+};
+
+/* Key of meshpath_policy_{0,1} (HASH).  0 in a field is the wildcard
+ * (MP_ID_ANY, any port, MP_PROTO_ANY). */
+struct mp_policy_key {
+	__u32 src_id;
+	__u32 dst_id;
+	__u16 dport; /* host order */
+	__u8 proto;  /* enum mp_proto */
+	__u8 pad;
+};
+
+enum mp_action {
+	MP_ACTION_NONE = 0,  /* no rule: the default action applies */
+	MP_ACTION_ALLOW = 1, /* pass */
+	MP_ACTION_DENY = 2,  /* drop / EPERM */
+	MP_ACTION_AUDIT = 3, /* pass, and report a would-be drop */
+	MP_ACTION_AUTH = 4,  /* pass only while the pair is authenticated */
+};
+
+/* Value of meshpath_policy_{0,1}. */
+struct mp_policy_value {
+	__u8 action; /* enum mp_action */
+	__u8 pad[3];
+	__u32 rule; /* the rule's number in the desired state, for reports */
+};
+
+/*
+ * A policy key has four fields that may each be a wildcard: 16 shapes.
+ * Bit n of meshpath_policy_shapes[epoch] is set when some rule has shape
+ * n (bit 0 set: source given; 1: destination; 2: port; 3: protocol), so
+ * a decision looks up only the shapes in use.
+ */
+enum mp_shape_bits {
+	MP_SHAPE_SRC = 1 << 0,
+	MP_SHAPE_DST = 1 << 1,
+	MP_SHAPE_PORT = 1 << 2,
+	MP_SHAPE_PROTO = 1 << 3,
+};
+
+/* Where a verdict was reached. */
+enum mp_point {
+	MP_POINT_CONNECT = 0,  /* cgroup connect4/6: TCP and connected UDP */
+	MP_POINT_SENDMSG,      /* cgroup sendmsg4/6: unconnected UDP */
+	MP_POINT_INGRESS,      /* cgroup_skb ingress of an attached cgroup */
+	MP_POINT_EGRESS,       /* cgroup_skb egress of an attached cgroup */
+	MP_POINT_SHORTCIRCUIT, /* sockops enrollment and sk_msg */
+	MP_POINT_XDP,	       /* XDP on a device */
+	MP_POINT_MAX,
+};
+
+/* What happened; with the point, the index into meshpath_verdicts. */
+enum mp_verdict {
+	MP_V_ALLOW = 0,	    /* a rule or the default allowed */
+	MP_V_DENY,	    /* a rule or the default denied */
+	MP_V_AUDIT,	    /* allowed, but policy would have dropped it */
+	MP_V_AUTH_REQUIRED, /* an auth rule and no authentication: dropped */
+	MP_V_MALFORMED,	    /* a header was truncated or invalid: dropped */
+	MP_V_FRAGMENT,	    /* a non-first fragment (no L4 header): passed */
+	MP_V_NOT_IP,	    /* not IPv4/IPv6 (ARP, ...): passed */
+	MP_V_NO_SOURCE,	    /* connect/sendmsg before a source address is
+			       known: the flow's packets are judged instead */
+	MP_V_MAX,
 };
 
 /*
@@ -180,6 +302,14 @@ struct mp_settings {
  */
 struct mp_abi_anchor {
 	enum mp_abi abi;
+	enum mp_policy_word policy_word;
+	enum mp_identity_reserved identity_reserved;
+	enum mp_identity_limits identity_limits;
+	enum mp_proto proto;
+	enum mp_action action;
+	enum mp_shape_bits shape_bits;
+	enum mp_point point;
+	enum mp_verdict verdict;
 	enum mp_sock_flags sock_flags;
 	enum mp_bypass_flags bypass_flags;
 	enum mp_counter counter;

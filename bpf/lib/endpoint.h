@@ -1,0 +1,70 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Endpoints: which workload identity an address belongs to.
+ *
+ * Two copies (epoch 0 and 1, see abi.h); the policy word's epoch bit says
+ * which one is live.  Longest prefix wins; an address no prefix covers has
+ * the reserved identity MP_ID_WORLD.
+ */
+#ifndef MESHPATH_BPF_ENDPOINT_H
+#define MESHPATH_BPF_ENDPOINT_H
+
+#include "common.h"
+
+#ifndef MP_MAX_ENDPOINTS
+#define MP_MAX_ENDPOINTS 16384 /* default; the library sets max_entries */
+#endif
+
+/*
+ * meshpath_endpoints_0 / _1: key struct mp_lpm_key (prefix of the
+ * v4-mapped address), value struct mp_endpoint.  Written by the library
+ * (policy.rs), read by every enforcement point.  Sized for the node's
+ * workload addresses and prefixes.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, MP_MAX_ENDPOINTS);
+	__type(key, struct mp_lpm_key);
+	__type(value, struct mp_endpoint);
+} meshpath_endpoints_0 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, MP_MAX_ENDPOINTS);
+	__type(key, struct mp_lpm_key);
+	__type(value, struct mp_endpoint);
+} meshpath_endpoints_1 SEC(".maps");
+
+/*
+ * meshpath_identities: key __u32 numeric identity, value struct
+ * mp_identity_name.  Written by the library with every policy change;
+ * not read by programs: it lets observers and a restarted agent turn
+ * numbers back into names.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MP_MAX_ENDPOINTS);
+	__type(key, __u32);
+	__type(value, struct mp_identity_name);
+} meshpath_identities SEC(".maps");
+
+/* The identity of a 16-byte (v4-mapped) address in the given epoch. */
+MP_ALWAYS_INLINE __u32 mp_identity_of(__u64 word, const __u32 addr[4])
+{
+	struct mp_lpm_key k = {.prefixlen = 128};
+	struct mp_endpoint *e;
+
+	k.addr[0] = addr[0];
+	k.addr[1] = addr[1];
+	k.addr[2] = addr[2];
+	k.addr[3] = addr[3];
+	if (word & MP_POLICY_EPOCH_BIT)
+		e = bpf_map_lookup_elem(&meshpath_endpoints_1, &k);
+	else
+		e = bpf_map_lookup_elem(&meshpath_endpoints_0, &k);
+	return e ? e->identity : MP_ID_WORLD;
+}
+
+#endif /* MESHPATH_BPF_ENDPOINT_H */

@@ -1,0 +1,274 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Policy: (source identity, destination identity, protocol, destination
+ * port) -> action, with wildcards, and the counters of every verdict.
+ *
+ * Precedence (also in ARCHITECTURE.md, "Policy"; tested in
+ * tests/policy.rs and src/policy/ unit tests):
+ *  1. a matching `deny` wins over everything;
+ *  2. otherwise the most specific matching rule wins: more non-wildcard
+ *     fields first; between rules with as many, the one whose source is
+ *     given, then destination, then port, then protocol (mp_shape_order);
+ *  3. no match: the default action (the policy word).
+ * Two rules with the same key cannot exist: the library keeps the most
+ * restrictive action (deny > auth > audit > allow) when compiling.
+ *
+ * An `auth` rule passes only while the pair is authenticated; until the
+ * auth map exists (mutual-auth work) it drops and counts "auth required".
+ */
+#ifndef MESHPATH_BPF_POLICY_H
+#define MESHPATH_BPF_POLICY_H
+
+#include "common.h"
+#include "endpoint.h"
+#include "settings.h"
+#include "sock.h"
+
+#ifndef MP_MAX_POLICIES
+#define MP_MAX_POLICIES 16384 /* default; the library sets max_entries */
+#endif
+
+/*
+ * meshpath_policy_0 / _1: key struct mp_policy_key, value struct
+ * mp_policy_value.  Written by the library, read by every enforcement
+ * point.  Sized for the compiled rules (one per rule and port).
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MP_MAX_POLICIES);
+	__type(key, struct mp_policy_key);
+	__type(value, struct mp_policy_value);
+} meshpath_policy_0 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MP_MAX_POLICIES);
+	__type(key, struct mp_policy_key);
+	__type(value, struct mp_policy_value);
+} meshpath_policy_1 SEC(".maps");
+
+/*
+ * meshpath_policy_shapes: key __u32 epoch (0, 1), value __u32 bit set of
+ * the key shapes (enum mp_shape_bits combinations) that rules of that
+ * epoch use.  Written by the library with the rules; read here so that a
+ * decision looks up only shapes that can match.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, __u32);
+} meshpath_policy_shapes SEC(".maps");
+
+/*
+ * meshpath_verdicts: key __u32 point * MP_V_MAX + verdict (enum mp_point,
+ * enum mp_verdict), value __u64 per CPU.  Written by every enforcement
+ * point, summed by the library (stats.rs).
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, MP_POINT_MAX *MP_V_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} meshpath_verdicts SEC(".maps");
+
+MP_ALWAYS_INLINE void mp_verdict_count(__u32 point, __u32 verdict)
+{
+	__u32 idx = point * MP_V_MAX + verdict;
+	__u64 *v = bpf_map_lookup_elem(&meshpath_verdicts, &idx);
+
+	if (v)
+		*v += 1;
+}
+
+/* The policy word, loaded once (see enum mp_policy_word). */
+MP_ALWAYS_INLINE __u64 mp_policy_word(void)
+{
+	struct mp_settings *cfg = mp_settings();
+
+	return cfg ? *(volatile __u64 *)&cfg->policy : 0;
+}
+
+MP_ALWAYS_INLINE bool mp_policy_on(__u64 word)
+{
+	return word & MP_POLICY_ON_BIT;
+}
+
+MP_ALWAYS_INLINE __u32 mp_policy_gen(__u64 word)
+{
+	return word >> MP_POLICY_GEN_SHIFT;
+}
+
+/*
+ * Shapes from most to least specific (see the precedence above), one per
+ * nibble, lowest first: 15, 7, 11, 13, 14, 3, 5, 9, 6, 10, 12, 1, 2, 4, 8,
+ * 0.  (A constant, not a static array: clang 14 emits BTF for a static
+ * .rodata array that the kernel rejects.)
+ */
+#define MP_SHAPE_ORDER 0x08421ca6953edb7fULL
+
+struct mp_decision {
+	__u8 action;  /* enum mp_action, never NONE: the default is applied */
+	__u8 matched; /* 1 if a rule matched, 0 if the default applied */
+	__u32 rule;   /* the matching rule's number */
+};
+
+/*
+ * The rule lookup, as a global BPF function: the verifier checks it once,
+ * on its own, instead of once per path of every caller (inlined twice in
+ * the packet hooks it exceeded the verifier's instruction budget).  Global
+ * functions take and return scalars: the result packs action (bits 0-7),
+ * matched (bit 8) and the rule number (bits 32-63).
+ */
+__attribute__((noinline)) __u64
+mp_policy_lookup(__u64 word, __u32 src, __u32 dst, __u32 proto, __u32 dport)
+{
+	__u32 epoch = word & MP_POLICY_EPOCH_BIT;
+	struct mp_policy_value *v;
+	struct mp_policy_key k;
+	__u64 best = 0;
+	__u32 *shapes;
+	__u32 i;
+
+	shapes = bpf_map_lookup_elem(&meshpath_policy_shapes, &epoch);
+	if (!shapes || !*shapes)
+		return 0;
+	for (i = 0; i < 16; i++) {
+		__u8 s = (MP_SHAPE_ORDER >> (4 * i)) & 0xf;
+
+		if (!(*shapes & (1U << s)))
+			continue;
+		k.src_id = (s & MP_SHAPE_SRC) ? src : MP_ID_ANY;
+		k.dst_id = (s & MP_SHAPE_DST) ? dst : MP_ID_ANY;
+		k.dport = (s & MP_SHAPE_PORT) ? dport : 0;
+		k.proto = (s & MP_SHAPE_PROTO) ? proto : MP_PROTO_ANY;
+		k.pad = 0;
+		if (epoch)
+			v = bpf_map_lookup_elem(&meshpath_policy_1, &k);
+		else
+			v = bpf_map_lookup_elem(&meshpath_policy_0, &k);
+		if (!v)
+			continue;
+		if (v->action == MP_ACTION_DENY)
+			return MP_ACTION_DENY | (1ULL << 8) |
+			       ((__u64)v->rule << 32);
+		if (!best)
+			best = v->action | (1ULL << 8) | ((__u64)v->rule << 32);
+	}
+	return best;
+}
+
+MP_ALWAYS_INLINE struct mp_decision
+mp_policy_decide(__u64 word, __u32 src, __u32 dst, __u8 proto, __u16 dport)
+{
+	__u64 r = mp_policy_lookup(word, src, dst, proto, dport);
+	struct mp_decision d = {
+	    .action = r & 0xff,
+	    .matched = (r >> 8) & 1,
+	    .rule = r >> 32,
+	};
+
+	if (!d.matched)
+		d.action = (word >> MP_POLICY_DEFAULT_SHIFT) & 0xf;
+	if (d.action == MP_ACTION_NONE)
+		d.action = MP_ACTION_DENY; /* a malformed word fails closed */
+	return d;
+}
+
+/* The verdict for an action: whether it passes, and what is counted. */
+MP_ALWAYS_INLINE __u32 mp_verdict_of(__u8 action)
+{
+	switch (action) {
+	case MP_ACTION_ALLOW:
+		return MP_V_ALLOW;
+	case MP_ACTION_AUDIT:
+		return MP_V_AUDIT;
+	case MP_ACTION_AUTH:
+		return MP_V_AUTH_REQUIRED;
+	default:
+		return MP_V_DENY;
+	}
+}
+
+MP_ALWAYS_INLINE bool mp_verdict_passes(__u32 verdict)
+{
+	return verdict == MP_V_ALLOW || verdict == MP_V_AUDIT;
+}
+
+/* The verdict for a flow from src to dst (16-byte addresses) on
+ * proto/dport, uncounted; MP_V_ALLOW with policy off. */
+MP_ALWAYS_INLINE __u32 mp_policy_judge(__u64 word, const __u32 saddr[4],
+				       const __u32 daddr[4], __u8 proto,
+				       __u16 dport)
+{
+	struct mp_decision d;
+
+	if (!mp_policy_on(word))
+		return MP_V_ALLOW;
+	d = mp_policy_decide(word, mp_identity_of(word, saddr),
+			     mp_identity_of(word, daddr), proto, dport);
+	return mp_verdict_of(d.action);
+}
+
+/* mp_policy_judge, counted at `point` (nothing is counted with policy
+ * off). */
+MP_ALWAYS_INLINE __u32 mp_policy_flow(__u64 word, __u32 point,
+				      const __u32 saddr[4],
+				      const __u32 daddr[4], __u8 proto,
+				      __u16 dport)
+{
+	__u32 verdict = mp_policy_judge(word, saddr, daddr, proto, dport);
+
+	if (mp_policy_on(word))
+		mp_verdict_count(point, verdict);
+	return verdict;
+}
+
+/*
+ * The verdict for one packet from saddr:sport to daddr:dport, without
+ * connection tracking: it passes when the flow it starts is allowed
+ * (saddr -> daddr:dport), or when it can be a reply in a flow that is
+ * (daddr -> saddr:sport).  A TCP SYN without ACK only starts flows.  ICMP
+ * has no ports (0): an echo reply passes when the echo request would.
+ */
+MP_ALWAYS_INLINE __u32 mp_policy_packet(__u64 word, __u32 point,
+					const __u32 saddr[4],
+					const __u32 daddr[4], __u8 proto,
+					__u16 sport, __u16 dport,
+					bool starts_only)
+{
+	struct mp_decision fwd, rev;
+	__u32 sid, did, verdict;
+
+	if (!mp_policy_on(word))
+		return MP_V_ALLOW;
+	sid = mp_identity_of(word, saddr);
+	did = mp_identity_of(word, daddr);
+	fwd = mp_policy_decide(word, sid, did, proto, dport);
+	verdict = mp_verdict_of(fwd.action);
+	if (!mp_verdict_passes(verdict) && !starts_only) {
+		rev = mp_policy_decide(word, did, sid, proto, sport);
+		if (mp_verdict_passes(mp_verdict_of(rev.action)))
+			verdict = mp_verdict_of(rev.action);
+	}
+	mp_verdict_count(point, verdict);
+	return verdict;
+}
+
+/*
+ * The verdict for the TCP flow of the socket keyed `k`, as policy sees
+ * it: from the connecting end to the accepting end's port, whichever end
+ * asks (`client`: the socket connected).  Uncounted.
+ */
+MP_ALWAYS_INLINE __u32 mp_policy_sock_flow(__u64 word,
+					   const struct mp_sock_key *k,
+					   bool client)
+{
+	if (client)
+		return mp_policy_judge(word, k->local_ip, k->remote_ip,
+				       MP_PROTO_TCP, k->remote_port);
+	return mp_policy_judge(word, k->remote_ip, k->local_ip, MP_PROTO_TCP,
+			       k->local_port);
+}
+
+#endif /* MESHPATH_BPF_POLICY_H */

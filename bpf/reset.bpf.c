@@ -1,0 +1,68 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * Resets established TCP flows that policy now denies: a TCP socket
+ * iterator (one network namespace per run: the caller's) visits every
+ * socket; the ones meshpath tracks (established in an attached cgroup)
+ * are judged again, and a denied one is aborted with bpf_sock_destroy:
+ * the peer gets a RST, the local application ECONNABORTED.  Run by
+ * Datapath::reset_denied_flows after a policy change.
+ */
+#include "lib/common.h"
+#include "lib/policy.h"
+#include "lib/sock.h"
+#include "lib/stats.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+extern int bpf_sock_destroy(struct sock_common *sk) __ksym;
+
+SEC("iter/tcp")
+int meshpath_reset(struct bpf_iter__tcp *ctx)
+{
+	struct sock_common *skc = ctx->sk_common;
+	struct mp_sock_key key = {};
+	struct mp_sock_state *st;
+	struct tcp_sock *tp;
+	struct sock *sk;
+	__u64 word;
+	__u32 verdict;
+
+	if (!skc)
+		return 0;
+	tp = bpf_skc_to_tcp_sock(skc);
+	if (!tp)
+		return 0; /* request and time-wait sockets */
+	sk = &tp->inet_conn.icsk_inet.sk;
+	if (sk->__sk_common.skc_state != BPF_TCP_ESTABLISHED &&
+	    sk->__sk_common.skc_state != BPF_TCP_CLOSE_WAIT)
+		return 0;
+	st = bpf_sk_storage_get(&meshpath_sock_state, sk, 0, 0);
+	if (!st || !st->tracked)
+		return 0;
+	word = mp_policy_word();
+	if (!mp_policy_on(word))
+		return 0;
+
+	if (sk->__sk_common.skc_family == AF_INET) {
+		mp_v4_mapped(key.local_ip, sk->__sk_common.skc_rcv_saddr);
+		mp_v4_mapped(key.remote_ip, sk->__sk_common.skc_daddr);
+	} else if (sk->__sk_common.skc_family == AF_INET6) {
+		__builtin_memcpy(key.local_ip,
+				 &sk->__sk_common.skc_v6_rcv_saddr, 16);
+		__builtin_memcpy(key.remote_ip, &sk->__sk_common.skc_v6_daddr,
+				 16);
+	} else {
+		return 0;
+	}
+	key.local_port = sk->__sk_common.skc_num;
+	key.remote_port = bpf_ntohs(sk->__sk_common.skc_dport);
+
+	verdict = mp_policy_sock_flow(word, &key, st->client);
+	st->verdict = verdict;
+	st->policy_gen = mp_policy_gen(word);
+	if (mp_verdict_passes(verdict))
+		return 0;
+	if (bpf_sock_destroy(skc) == 0)
+		mp_count(MP_C_POLICY_RESET);
+	return 0;
+}

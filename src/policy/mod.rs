@@ -1,0 +1,423 @@
+//! Identity-based policy: endpoints (addresses to identities), identities
+//! (SPIFFE IDs to numbers), rules, and applying a desired state to the
+//! datapath atomically.
+//!
+//! Every change is a whole-state replace under the hood: the new state is
+//! validated and compiled first (nothing changes when it does not
+//! validate), written into the idle copy of the endpoint and policy maps
+//! as a diff, made live by one store of the policy word (epoch, default
+//! action, generation), and then copied into the other copy. A decision
+//! sees the old state or the new one, never a mix. Established TCP flows
+//! the new state denies are then reset (`reset_denied_flows`).
+
+pub mod identity;
+pub mod model;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::fd::AsFd;
+
+pub use identity::{derive_number, Identity, IdentityMap, SpiffeId};
+pub use model::{Action, DefaultAction, Endpoint, Peer, PolicyState, Protocol, Rule};
+
+use crate::abi::{self, EndpointValue, IdentityName, LpmKey, PolicyKey, PolicyValue};
+use crate::datapath::{read_settings, Datapath};
+use crate::error::{Error, Result};
+use crate::maps::MapSet;
+use crate::net::IpNet;
+use model::Compiled;
+
+/// The library's copy of the desired state.
+#[derive(Debug, Default)]
+pub(crate) struct PolicySlot {
+    state: Option<PolicyState>,
+    /// Identities registered without being used (upsert_identity).
+    extra: BTreeSet<Identity>,
+}
+
+/// What a policy change did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PolicyChange {
+    /// Endpoint entries written (added or changed).
+    pub endpoints_written: usize,
+    /// Endpoint entries removed.
+    pub endpoints_removed: usize,
+    /// Policy entries written (added or changed).
+    pub rules_written: usize,
+    /// Policy entries removed.
+    pub rules_removed: usize,
+    /// The policy generation now live.
+    pub generation: u32,
+    /// Established flows reset because the new state denies them (in the
+    /// caller's network namespace).
+    pub flows_reset: u64,
+}
+
+impl Datapath {
+    /// The desired policy state, or `None` while no policy is set (then
+    /// everything passes unchecked).
+    pub fn policy(&self) -> Option<PolicyState> {
+        self.lock_policy().state.clone()
+    }
+
+    /// Replaces the whole policy state. Validates first: on error nothing
+    /// changes. Applies the difference atomically (see the module docs),
+    /// then resets established TCP flows the new state denies.
+    pub fn replace_policy(&self, state: &PolicyState) -> Result<PolicyChange> {
+        let mut slot = self.lock_policy();
+        self.apply_locked(&mut slot, state.clone())
+    }
+
+    /// Turns policy off: everything passes unchecked, at every point.
+    pub fn disable_policy(&self) -> Result<()> {
+        let mut slot = self.lock_policy();
+        let (gen, _, _, epoch) = abi::policy_word_parts(read_settings(self.maps())?.policy);
+        self.update_settings(|s| {
+            s.policy = abi::policy_word(gen.wrapping_add(1), false, 0, epoch)
+        })?;
+        slot.state = None;
+        Ok(())
+    }
+
+    /// Adds or replaces the endpoint for `endpoint.ip` (starting from an
+    /// allow-by-default state when no policy is set).
+    pub fn upsert_endpoint(&self, endpoint: Endpoint) -> Result<PolicyChange> {
+        self.modify(|s| {
+            s.endpoints.retain(|e| e.ip != endpoint.ip);
+            s.endpoints.push(endpoint);
+            Ok(())
+        })
+    }
+
+    /// Removes the endpoint for `ip`; its addresses become `world`.
+    pub fn delete_endpoint(&self, ip: IpNet) -> Result<PolicyChange> {
+        self.modify(|s| {
+            let before = s.endpoints.len();
+            s.endpoints.retain(|e| e.ip != ip);
+            if s.endpoints.len() == before {
+                return Err(Error::invalid(
+                    "endpoint",
+                    format!("{ip} is not an endpoint"),
+                ));
+            }
+            Ok(())
+        })
+    }
+
+    /// The endpoints of the desired state.
+    pub fn endpoints(&self) -> Vec<Endpoint> {
+        self.policy().map(|s| s.endpoints).unwrap_or_default()
+    }
+
+    /// Adds a rule, or replaces the action of the rule with the same
+    /// from, to, protocol and ports.
+    pub fn upsert_rule(&self, rule: Rule) -> Result<PolicyChange> {
+        self.modify(|s| {
+            let same = |r: &Rule| {
+                r.from == rule.from
+                    && r.to == rule.to
+                    && r.protocol == rule.protocol
+                    && r.ports == rule.ports
+            };
+            s.policies.retain(|r| !same(r));
+            s.policies.push(rule);
+            Ok(())
+        })
+    }
+
+    /// Removes the rule with these from, to, protocol and ports.
+    pub fn delete_rule(
+        &self,
+        from: &Peer,
+        to: &Peer,
+        protocol: Protocol,
+        ports: &[u16],
+    ) -> Result<PolicyChange> {
+        self.modify(|s| {
+            let before = s.policies.len();
+            s.policies.retain(|r| {
+                !(&r.from == from && &r.to == to && r.protocol == protocol && r.ports == ports)
+            });
+            if s.policies.len() == before {
+                return Err(Error::invalid(
+                    "rule",
+                    format!("no rule {from} -> {to} {protocol} {ports:?}"),
+                ));
+            }
+            Ok(())
+        })
+    }
+
+    /// The rules of the desired state.
+    pub fn rules(&self) -> Vec<Rule> {
+        self.policy().map(|s| s.policies).unwrap_or_default()
+    }
+
+    /// Sets the action where no rule matches.
+    pub fn set_default_action(&self, action: DefaultAction) -> Result<PolicyChange> {
+        self.modify(|s| {
+            s.default_action = action;
+            Ok(())
+        })
+    }
+
+    /// Registers an identity (before any endpoint or rule uses it), so
+    /// that a collision with another name is found now. Its number.
+    pub fn upsert_identity(&self, identity: Identity) -> Result<u32> {
+        let mut slot = self.lock_policy();
+        let mut all = self.identities_of(&slot)?;
+        let n = all.insert(&identity)?;
+        slot.extra.insert(identity.clone());
+        self.write_identity(n, &identity)?;
+        Ok(n)
+    }
+
+    /// Forgets a registered identity; refused while an endpoint or a rule
+    /// uses it (the error names the field).
+    pub fn delete_identity(&self, identity: &Identity) -> Result<()> {
+        let mut slot = self.lock_policy();
+        if let Some(s) = &slot.state {
+            for (i, e) in s.endpoints.iter().enumerate() {
+                if &e.identity == identity {
+                    return Err(Error::invalid(
+                        format!("endpoints[{i}].identity"),
+                        format!("{identity} is used here"),
+                    ));
+                }
+            }
+            for (i, r) in s.policies.iter().enumerate() {
+                for (side, p) in [("from", &r.from), ("to", &r.to)] {
+                    if p == &Peer::Is(identity.clone()) {
+                        return Err(Error::invalid(
+                            format!("policies[{i}].{side}"),
+                            format!("{identity} is used here"),
+                        ));
+                    }
+                }
+            }
+        }
+        if !slot.extra.remove(identity) {
+            return Err(Error::invalid(
+                "identity",
+                format!("{identity} is not registered"),
+            ));
+        }
+        self.maps()
+            .typed::<u32, IdentityName>("meshpath_identities")?
+            .delete(&identity.number())?;
+        Ok(())
+    }
+
+    /// Every identity known: used by the state or registered.
+    pub fn identities(&self) -> Result<IdentityMap> {
+        let slot = self.lock_policy();
+        self.identities_of(&slot)
+    }
+
+    /// The name the datapath has for a number (from the identity map the
+    /// library keeps in the kernel: works for observers of pinned state).
+    pub fn identity_name(&self, number: u32) -> Result<Option<String>> {
+        let m = self
+            .maps()
+            .typed::<u32, IdentityName>("meshpath_identities")?;
+        Ok(m.lookup(&number)?.map(|n| {
+            let len = (n.len as usize).min(n.name.len());
+            String::from_utf8_lossy(&n.name[..len]).into_owned()
+        }))
+    }
+
+    /// Resets every established TCP flow in the caller's network namespace
+    /// that meshpath tracks (established in an attached cgroup) and that
+    /// the live policy denies: the peer gets a RST, the application
+    /// ECONNABORTED. Returns how many. `replace_policy` runs it.
+    pub fn reset_denied_flows(&self) -> Result<u64> {
+        let before = self.counters()?.policy_resets;
+        let link = self
+            .inner
+            .reset
+            .progs
+            .meshpath_reset
+            .attach()
+            .map_err(|source| Error::Attach {
+                program: "meshpath_reset",
+                target: "a TCP socket iterator".into(),
+                source,
+            })?;
+        let mut it = libbpf_rs::Iter::new(&link).map_err(|source| Error::Attach {
+            program: "meshpath_reset",
+            target: "a TCP socket iterator (open)".into(),
+            source,
+        })?;
+        let mut sink = Vec::new();
+        std::io::Read::read_to_end(&mut it, &mut sink)
+            .map_err(|e| Error::io("running the reset iterator", "iter/tcp", e))?;
+        Ok(self.counters()?.policy_resets.saturating_sub(before))
+    }
+
+    /// Like [`Datapath::reset_denied_flows`], in the network namespace at
+    /// `netns` (e.g. `/run/netns/NAME` or `/proc/PID/ns/net`).
+    pub fn reset_denied_flows_in(&self, netns: &std::path::Path) -> Result<u64> {
+        let ns = std::fs::File::open(netns).map_err(|e| Error::io("opening netns", netns, e))?;
+        let dp = self.clone();
+        std::thread::scope(|scope| {
+            scope
+                .spawn(move || {
+                    nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                        .map_err(|e| Error::io("entering netns", netns, std::io::Error::from(e)))?;
+                    dp.reset_denied_flows()
+                })
+                .join()
+                .unwrap_or_else(|_| {
+                    Err(Error::io(
+                        "running the reset iterator in",
+                        netns,
+                        std::io::Error::other("the thread panicked"),
+                    ))
+                })
+        })
+    }
+
+    fn lock_policy(&self) -> std::sync::MutexGuard<'_, PolicySlot> {
+        self.inner.policy.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn modify(&self, f: impl FnOnce(&mut PolicyState) -> Result<()>) -> Result<PolicyChange> {
+        let mut slot = self.lock_policy();
+        let mut state = slot.state.clone().unwrap_or_default();
+        f(&mut state)?;
+        self.apply_locked(&mut slot, state)
+    }
+
+    fn identities_of(&self, slot: &PolicySlot) -> Result<IdentityMap> {
+        let mut all = match &slot.state {
+            Some(s) => s.compile()?.identities,
+            None => IdentityMap::default(),
+        };
+        for id in &slot.extra {
+            all.insert(id)?;
+        }
+        Ok(all)
+    }
+
+    fn write_identity(&self, n: u32, identity: &Identity) -> Result<()> {
+        let name = identity.to_string();
+        let mut v = IdentityName {
+            len: name.len() as u32,
+            name: [0; 252],
+        };
+        v.name[..name.len()].copy_from_slice(name.as_bytes());
+        self.maps()
+            .typed::<u32, IdentityName>("meshpath_identities")?
+            .update(&n, &v, || format!("identity {identity}"))
+    }
+
+    fn apply_locked(&self, slot: &mut PolicySlot, state: PolicyState) -> Result<PolicyChange> {
+        let compiled = state.compile()?;
+        let mut ids = compiled.identities.clone();
+        for id in &slot.extra {
+            ids.insert(id)?;
+        }
+        let maps = self.maps();
+        let (gen, on, _, live) = abi::policy_word_parts(read_settings(maps)?.policy);
+        // With policy off both copies may be stale: fill epoch 0's twin.
+        let idle = if on { live ^ 1 } else { 1 };
+        let mut change = sync_epoch(maps, idle, &compiled)?;
+        for (n, id) in ids.iter() {
+            self.write_identity(n, id)?;
+        }
+        let gen = gen.wrapping_add(1);
+        let default = match compiled.default_action {
+            DefaultAction::Allow => abi::Action::MP_ACTION_ALLOW.0,
+            DefaultAction::Deny => abi::Action::MP_ACTION_DENY.0,
+        } as u8;
+        self.update_settings(|s| s.policy = abi::policy_word(gen, true, default, idle))?;
+        // The state is live. Bring the other copy up to date; a failure
+        // here leaves it stale, which the next change repairs (it diffs
+        // against what the kernel holds).
+        let _ = sync_epoch(maps, idle ^ 1, &compiled);
+        let names = maps.typed::<u32, IdentityName>("meshpath_identities")?;
+        for n in names.keys()? {
+            if ids.name(n).is_none() {
+                let _ = names.delete(&n);
+            }
+        }
+        slot.state = Some(state);
+        change.generation = gen;
+        change.flows_reset = self.reset_denied_flows()?;
+        Ok(change)
+    }
+}
+
+/// Makes epoch `epoch`'s maps hold exactly `c`: reads what they hold and
+/// writes the difference. Used on the idle copy, so partial failure
+/// affects no decision.
+fn sync_epoch(maps: &MapSet, epoch: u32, c: &Compiled) -> Result<PolicyChange> {
+    let mut change = PolicyChange::default();
+    let (ep_name, pol_name) = if epoch == 0 {
+        ("meshpath_endpoints_0", "meshpath_policy_0")
+    } else {
+        ("meshpath_endpoints_1", "meshpath_policy_1")
+    };
+    let eps = maps.typed::<LpmKey, EndpointValue>(ep_name)?;
+    let mut have: BTreeMap<(u32, [u32; 4]), u32> = BTreeMap::new();
+    for k in eps.keys()? {
+        if let Some(v) = eps.lookup(&k)? {
+            have.insert((k.prefixlen, k.addr), v.identity);
+        }
+    }
+    for ((plen, addr), id) in &c.endpoints {
+        if have.get(&(*plen, *addr)) != Some(id) {
+            let k = LpmKey {
+                prefixlen: *plen,
+                addr: *addr,
+            };
+            let v = EndpointValue {
+                identity: *id,
+                flags: 0,
+            };
+            eps.update(&k, &v, || {
+                format!("endpoint {}/{plen}", abi::words_to_ip(*addr))
+            })?;
+            change.endpoints_written += 1;
+        }
+    }
+    for (plen, addr) in have.keys() {
+        if !c.endpoints.contains_key(&(*plen, *addr)) {
+            eps.delete(&LpmKey {
+                prefixlen: *plen,
+                addr: *addr,
+            })?;
+            change.endpoints_removed += 1;
+        }
+    }
+
+    let pol = maps.typed::<PolicyKey, PolicyValue>(pol_name)?;
+    let mut have: BTreeMap<[u8; 12], (u8, u32)> = BTreeMap::new();
+    for k in pol.keys()? {
+        if let Some(v) = pol.lookup(&k)? {
+            have.insert(model::bytes_of_key(&k), (v.action, v.rule));
+        }
+    }
+    for (k, (action, rule)) in &c.rules {
+        if have.get(k) != Some(&(*action, *rule)) {
+            let v = PolicyValue {
+                action: *action,
+                pad: [0; 3],
+                rule: *rule,
+            };
+            pol.update(&model::key_of_bytes(k), &v, || {
+                format!("policy rule {rule}")
+            })?;
+            change.rules_written += 1;
+        }
+    }
+    for k in have.keys() {
+        if !c.rules.contains_key(k) {
+            pol.delete(&model::key_of_bytes(k))?;
+            change.rules_removed += 1;
+        }
+    }
+    maps.typed::<u32, u32>("meshpath_policy_shapes")?
+        .update(&epoch, &c.shapes, || "policy shapes".into())?;
+    Ok(change)
+}

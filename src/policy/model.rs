@@ -1,0 +1,502 @@
+//! The desired policy state, its validation, and its compilation into the
+//! datapath's keys.
+//!
+//! Field names follow the agent's JSON config (`default_action`,
+//! `endpoints[].ip/identity`, `policies[].from/to/protocol/ports/action`),
+//! and validation errors name the field the way the config spells it, e.g.
+//! `invalid policies[2].ports[0]: 0 is not a port`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use super::identity::{Identity, IdentityMap};
+use crate::abi::{self, Action as RawAction, IdentityReserved, Proto, ShapeBits};
+use crate::error::{Error, Result};
+use crate::net::IpNet;
+
+/// What a rule does with the flows it matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Action {
+    /// Pass.
+    Allow,
+    /// Drop (EPERM at connect).
+    Deny,
+    /// Pass, and report a would-be drop.
+    Audit,
+    /// Pass only while the pair is authenticated (mutual TLS between node
+    /// agents); until then it behaves as deny, counted "auth required".
+    Auth,
+}
+
+impl Action {
+    fn raw(self) -> u8 {
+        (match self {
+            Action::Allow => RawAction::MP_ACTION_ALLOW,
+            Action::Deny => RawAction::MP_ACTION_DENY,
+            Action::Audit => RawAction::MP_ACTION_AUDIT,
+            Action::Auth => RawAction::MP_ACTION_AUTH,
+        })
+        .0 as u8
+    }
+
+    pub(crate) fn from_raw(v: u8) -> Option<Action> {
+        match u32::from(v) {
+            x if x == RawAction::MP_ACTION_ALLOW.0 => Some(Action::Allow),
+            x if x == RawAction::MP_ACTION_DENY.0 => Some(Action::Deny),
+            x if x == RawAction::MP_ACTION_AUDIT.0 => Some(Action::Audit),
+            x if x == RawAction::MP_ACTION_AUTH.0 => Some(Action::Auth),
+            _ => None,
+        }
+    }
+
+    /// Most restrictive first: deny > auth > audit > allow. Two rules with
+    /// the same key keep the most restrictive action.
+    fn restrictiveness(self) -> u8 {
+        match self {
+            Action::Deny => 3,
+            Action::Auth => 2,
+            Action::Audit => 1,
+            Action::Allow => 0,
+        }
+    }
+}
+
+impl FromStr for Action {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "allow" => Ok(Action::Allow),
+            "deny" => Ok(Action::Deny),
+            "audit" => Ok(Action::Audit),
+            "auth" => Ok(Action::Auth),
+            _ => Err(Error::invalid(
+                "action",
+                format!("{s:?} is not one of allow, deny, audit, auth"),
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Action::Allow => "allow",
+            Action::Deny => "deny",
+            Action::Audit => "audit",
+            Action::Auth => "auth",
+        })
+    }
+}
+
+/// What applies where no rule matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DefaultAction {
+    /// Everything not denied passes.
+    #[default]
+    Allow,
+    /// Only what a rule allows passes.
+    Deny,
+}
+
+impl FromStr for DefaultAction {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "allow" => Ok(DefaultAction::Allow),
+            "deny" => Ok(DefaultAction::Deny),
+            _ => Err(Error::invalid(
+                "default_action",
+                format!("{s:?} is not allow or deny"),
+            )),
+        }
+    }
+}
+
+/// A rule's transport protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    /// Any protocol.
+    Any,
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+    /// ICMP and ICMPv6 (no ports).
+    Icmp,
+}
+
+impl Protocol {
+    fn raw(self) -> u8 {
+        (match self {
+            Protocol::Any => Proto::MP_PROTO_ANY,
+            Protocol::Tcp => Proto::MP_PROTO_TCP,
+            Protocol::Udp => Proto::MP_PROTO_UDP,
+            Protocol::Icmp => Proto::MP_PROTO_ICMP,
+        })
+        .0 as u8
+    }
+}
+
+impl FromStr for Protocol {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "any" => Ok(Protocol::Any),
+            "tcp" => Ok(Protocol::Tcp),
+            "udp" => Ok(Protocol::Udp),
+            "icmp" => Ok(Protocol::Icmp),
+            _ => Err(Error::invalid(
+                "protocol",
+                format!("{s:?} is not one of tcp, udp, icmp, any"),
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Any => "any",
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Icmp => "icmp",
+        })
+    }
+}
+
+/// One side of a rule: any identity (`*`) or one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Peer {
+    /// `*`: any identity, `world` and `host` included.
+    Any,
+    /// One identity.
+    Is(Identity),
+}
+
+impl FromStr for Peer {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        if s == "*" {
+            Ok(Peer::Any)
+        } else {
+            Ok(Peer::Is(s.parse()?))
+        }
+    }
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Peer::Any => f.write_str("*"),
+            Peer::Is(i) => i.fmt(f),
+        }
+    }
+}
+
+/// An address or prefix and the identity of the workload behind it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    /// The address (a /32 or /128) or prefix.
+    pub ip: IpNet,
+    /// Its identity.
+    pub identity: Identity,
+}
+
+impl Endpoint {
+    /// Parses an endpoint from its config strings.
+    pub fn new(ip: &str, identity: &str) -> Result<Endpoint> {
+        Ok(Endpoint {
+            ip: ip.parse()?,
+            identity: identity.parse()?,
+        })
+    }
+}
+
+/// A policy rule: flows from `from` to `to` with `protocol` to one of
+/// `ports` (empty: any port) get `action`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Rule {
+    /// Source identity or `*`.
+    pub from: Peer,
+    /// Destination identity or `*`.
+    pub to: Peer,
+    /// Transport protocol.
+    pub protocol: Protocol,
+    /// Destination ports; empty means any port.
+    pub ports: Vec<u16>,
+    /// What happens to matching flows.
+    pub action: Action,
+}
+
+impl Rule {
+    /// Parses a rule from its config strings.
+    pub fn new(from: &str, to: &str, protocol: &str, ports: &[u16], action: &str) -> Result<Rule> {
+        Ok(Rule {
+            from: from.parse()?,
+            to: to.parse()?,
+            protocol: protocol.parse()?,
+            ports: ports.to_vec(),
+            action: action.parse()?,
+        })
+    }
+}
+
+/// The whole desired policy state of a node.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PolicyState {
+    /// What applies where no rule matches.
+    pub default_action: DefaultAction,
+    /// Addresses and prefixes with their identities.
+    pub endpoints: Vec<Endpoint>,
+    /// The rules (the config calls them `policies`).
+    pub policies: Vec<Rule>,
+}
+
+/// A policy state as the datapath keys it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Compiled {
+    /// (prefix length over 128 bits, address words) -> identity number.
+    pub endpoints: BTreeMap<(u32, [u32; 4]), u32>,
+    /// Policy key bytes -> (action, rule number).
+    pub rules: BTreeMap<[u8; 12], (u8, u32)>,
+    /// Bit set of the key shapes in use.
+    pub shapes: u32,
+    pub default_action: DefaultAction,
+    pub identities: IdentityMap,
+}
+
+fn field(path: String, e: Error) -> Error {
+    match e {
+        Error::Invalid { reason, .. } => Error::Invalid {
+            field: path,
+            reason,
+        },
+        other => other,
+    }
+}
+
+impl PolicyState {
+    /// Checks the state and compiles it; errors name the field.
+    pub fn validate(&self) -> Result<()> {
+        self.compile().map(|_| ())
+    }
+
+    pub(crate) fn compile(&self) -> Result<Compiled> {
+        let mut c = Compiled {
+            default_action: self.default_action,
+            ..Default::default()
+        };
+        let mut seen_prefix: BTreeMap<(u32, [u32; 4]), usize> = BTreeMap::new();
+        for (i, ep) in self.endpoints.iter().enumerate() {
+            let id = c
+                .identities
+                .insert(&ep.identity)
+                .map_err(|e| field(format!("endpoints[{i}].identity"), e))?;
+            let key = (ep.ip.mapped_prefix_len(), abi::ip_to_words(ep.ip.addr()));
+            if let Some(j) = seen_prefix.insert(key, i) {
+                if c.endpoints.get(&key) != Some(&id) {
+                    return Err(Error::invalid(
+                        format!("endpoints[{i}].ip"),
+                        format!("{} is already endpoints[{j}] with another identity", ep.ip),
+                    ));
+                }
+            }
+            c.endpoints.insert(key, id);
+        }
+        for (i, r) in self.policies.iter().enumerate() {
+            let side = |p: &Peer, name: &str, c: &mut Compiled| -> Result<u32> {
+                match p {
+                    Peer::Any => Ok(IdentityReserved::MP_ID_ANY.0),
+                    Peer::Is(id) => c
+                        .identities
+                        .insert(id)
+                        .map_err(|e| field(format!("policies[{i}].{name}"), e)),
+                }
+            };
+            let src = side(&r.from, "from", &mut c)?;
+            let dst = side(&r.to, "to", &mut c)?;
+            if r.protocol == Protocol::Icmp && !r.ports.is_empty() {
+                return Err(Error::invalid(
+                    format!("policies[{i}].ports"),
+                    "ICMP has no ports: leave the list empty",
+                ));
+            }
+            for (j, p) in r.ports.iter().enumerate() {
+                if *p == 0 {
+                    return Err(Error::invalid(
+                        format!("policies[{i}].ports[{j}]"),
+                        "0 is not a port (an empty list means any port)",
+                    ));
+                }
+            }
+            let ports: Vec<u16> = if r.ports.is_empty() {
+                vec![0]
+            } else {
+                r.ports.clone()
+            };
+            for port in ports {
+                let k = key_bytes(src, dst, port, r.protocol.raw());
+                let mut shape = 0;
+                if src != 0 {
+                    shape |= ShapeBits::MP_SHAPE_SRC.0;
+                }
+                if dst != 0 {
+                    shape |= ShapeBits::MP_SHAPE_DST.0;
+                }
+                if port != 0 {
+                    shape |= ShapeBits::MP_SHAPE_PORT.0;
+                }
+                if r.protocol != Protocol::Any {
+                    shape |= ShapeBits::MP_SHAPE_PROTO.0;
+                }
+                c.shapes |= 1 << shape;
+                let entry = (r.action.raw(), i as u32);
+                match c.rules.get(&k) {
+                    Some((a, _))
+                        if Action::from_raw(*a).map_or(0, Action::restrictiveness)
+                            >= r.action.restrictiveness() => {}
+                    _ => {
+                        c.rules.insert(k, entry);
+                    }
+                }
+            }
+        }
+        Ok(c)
+    }
+}
+
+/// The bytes of a `struct mp_policy_key` (checked against the generated
+/// type by a unit test).
+pub(crate) fn key_bytes(src: u32, dst: u32, dport: u16, proto: u8) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[0..4].copy_from_slice(&src.to_ne_bytes());
+    k[4..8].copy_from_slice(&dst.to_ne_bytes());
+    k[8..10].copy_from_slice(&dport.to_ne_bytes());
+    k[10] = proto;
+    k
+}
+
+/// The `struct mp_policy_key` for key bytes from [`key_bytes`].
+pub(crate) fn key_of_bytes(b: &[u8; 12]) -> crate::abi::PolicyKey {
+    let mut k = crate::abi::PolicyKey::default();
+    // SAFETY: PolicyKey is Plain (abi.rs) and exactly 12 bytes (checked
+    // by key_bytes_match_the_generated_struct).
+    unsafe { plain::as_mut_bytes(&mut k) }.copy_from_slice(b);
+    k
+}
+
+/// The key bytes of a `struct mp_policy_key`.
+pub(crate) fn bytes_of_key(k: &crate::abi::PolicyKey) -> [u8; 12] {
+    let mut b = [0u8; 12];
+    // SAFETY: PolicyKey is Plain (abi.rs) and exactly 12 bytes.
+    b.copy_from_slice(unsafe { plain::as_bytes(k) });
+    b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FE: &str = "spiffe://mesh.local/ns/shop/sa/frontend";
+    const DB: &str = "spiffe://mesh.local/ns/db/sa/postgres";
+
+    fn state() -> PolicyState {
+        PolicyState {
+            default_action: DefaultAction::Deny,
+            endpoints: vec![
+                Endpoint::new("127.0.0.2", FE).unwrap(),
+                Endpoint::new("198.18.0.0/16", DB).unwrap(),
+            ],
+            policies: vec![Rule::new(FE, DB, "tcp", &[5432], "allow").unwrap()],
+        }
+    }
+
+    #[test]
+    fn key_bytes_match_the_generated_struct() {
+        let k = crate::abi::PolicyKey {
+            src_id: 7,
+            dst_id: 9,
+            dport: 5432,
+            proto: 6,
+            pad: 0,
+        };
+        // SAFETY: PolicyKey is Plain (abi.rs).
+        let raw = unsafe { plain::as_bytes(&k) };
+        assert_eq!(raw, &key_bytes(7, 9, 5432, 6)[..]);
+        assert_eq!(
+            bytes_of_key(&key_of_bytes(&key_bytes(1, 2, 3, 4))),
+            key_bytes(1, 2, 3, 4)
+        );
+    }
+
+    #[test]
+    fn compiles_endpoints_rules_and_shapes() {
+        let c = state().compile().unwrap();
+        assert_eq!(c.endpoints.len(), 2);
+        assert_eq!(c.rules.len(), 1);
+        let all = ShapeBits::MP_SHAPE_SRC.0
+            | ShapeBits::MP_SHAPE_DST.0
+            | ShapeBits::MP_SHAPE_PORT.0
+            | ShapeBits::MP_SHAPE_PROTO.0;
+        assert_eq!(c.shapes, 1 << all);
+        assert_eq!(c.identities.len(), 2);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let mut s = state();
+        s.policies.push(Rule {
+            ports: vec![80, 0],
+            ..s.policies[0].clone()
+        });
+        let e = s.compile().unwrap_err().to_string();
+        assert!(e.starts_with("invalid policies[1].ports[1]"), "{e}");
+
+        let mut s = state();
+        s.policies[0].protocol = Protocol::Icmp;
+        let e = s.compile().unwrap_err().to_string();
+        assert!(e.starts_with("invalid policies[0].ports"), "{e}");
+
+        let mut s = state();
+        s.endpoints.push(Endpoint::new("127.0.0.2/32", DB).unwrap());
+        let e = s.compile().unwrap_err().to_string();
+        assert!(e.starts_with("invalid endpoints[2].ip"), "{e}");
+    }
+
+    #[test]
+    fn the_same_key_keeps_the_most_restrictive_action() {
+        let mut s = state();
+        s.policies
+            .push(Rule::new(FE, DB, "tcp", &[5432], "audit").unwrap());
+        s.policies
+            .push(Rule::new(FE, DB, "tcp", &[5432], "deny").unwrap());
+        s.policies
+            .push(Rule::new(FE, DB, "tcp", &[5432], "allow").unwrap());
+        let c = s.compile().unwrap();
+        let (a, rule) = c.rules.values().next().copied().unwrap();
+        assert_eq!(Action::from_raw(a), Some(Action::Deny));
+        assert_eq!(rule, 2);
+    }
+
+    #[test]
+    fn strings_parse_like_the_config() {
+        assert_eq!("*".parse::<Peer>().unwrap(), Peer::Any);
+        assert_eq!("world".parse::<Peer>().unwrap(), Peer::Is(Identity::World));
+        assert!("nope"
+            .parse::<Protocol>()
+            .unwrap_err()
+            .to_string()
+            .contains("tcp, udp, icmp, any"));
+        assert!("maybe"
+            .parse::<Action>()
+            .unwrap_err()
+            .to_string()
+            .contains("allow, deny, audit, auth"));
+        assert!("sometimes"
+            .parse::<DefaultAction>()
+            .unwrap_err()
+            .to_string()
+            .contains("default_action"));
+    }
+}
