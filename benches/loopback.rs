@@ -60,6 +60,9 @@ fn main() {
 }
 
 fn rtt(c: &mut Criterion, world: &World, mode: Mode) {
+    world
+        .place_proxies_for(mode)
+        .expect("setting the proxies' CPU affinity");
     let mut conns: Vec<RttConn> = world
         .paths()
         .into_iter()
@@ -107,6 +110,9 @@ fn rtt(c: &mut Criterion, world: &World, mode: Mode) {
 }
 
 fn stream(c: &mut Criterion, world: &World) {
+    world
+        .place_proxies(None)
+        .expect("setting the proxies' CPU affinity");
     let mut conns: Vec<StreamConn> = world
         .paths()
         .into_iter()

@@ -96,6 +96,21 @@ struct RttCell {
     mode: Mode,
     size: usize,
     paths: BTreeMap<PathKind, Samples>,
+    /// Counter deltas over the cell (calibration and repetitions).
+    sc: Counters,
+}
+
+impl RttCell {
+    /// Which path the `sc` connection took while this cell was measured.
+    fn sc_path(&self) -> String {
+        let d = &self.sc;
+        match (d.msgs_redirected, d.msgs_fallback) {
+            (r, 0) if r > 0 => "redirect".into(),
+            (0, 0) => "TCP (evicted)".into(),
+            (0, _) => "TCP (fallback)".into(),
+            (r, f) => format!("mixed: {r} redirected, {f} TCP"),
+        }
+    }
 }
 
 struct StreamCell {
@@ -207,11 +222,12 @@ fn measure_rtt(
     plan: &Plan,
     res: &mut Results,
 ) -> Result<()> {
+    world.place_proxies_for(mode)?;
+    let c0 = world.counters()?;
     let mut conns = Vec::new();
     for &p in paths {
         conns.push(RttConn::new(world, p, mode)?);
     }
-    let c0 = world.counters()?;
     let warm = if mode == Mode::BusyPoll {
         plan.busy_warmup
     } else {
@@ -233,6 +249,7 @@ fn measure_rtt(
             s if s <= 65536 => 50,
             _ => 8,
         };
+        let cell_c0 = world.counters()?;
         let mut n = Vec::new();
         for c in &mut conns {
             n.push(calibrate(
@@ -258,19 +275,21 @@ fn measure_rtt(
             mode,
             size,
             paths: cell,
+            sc: world.counters()?.since(&cell_c0),
         });
     }
     let c2 = world.counters()?;
-    let label = if mode == Mode::BusyPoll {
-        format!("{}: measured", mode.label())
+    if mode == Mode::BusyPoll {
+        res.counters
+            .push((format!("{}: measured", mode.label()), c2.since(&c1)));
     } else {
-        mode.label().to_string()
-    };
-    res.counters.push((label, c2.since(&c1)));
+        res.counters.push((mode.label().to_string(), c2.since(&c0)));
+    }
     Ok(())
 }
 
 fn measure_stream(world: &World, paths: &[PathKind], plan: &Plan, res: &mut Results) -> Result<()> {
+    world.place_proxies(None)?;
     let mut conns = Vec::new();
     for &p in paths {
         conns.push(StreamConn::new(world, p)?);
@@ -454,7 +473,8 @@ fn render(
     let _ = writeln!(o, "- CPU: {}, nproc {}", m.cpu_model, m.nproc);
     let _ = writeln!(
         o,
-        "- client/writer on CPU {}, server/reader on CPU {} (same CPU in \"one core\"); proxies unpinned",
+        "- client/writer on CPU {}, server/reader on CPU {}; in \"one core\" both ends and the \
+         proxies share the client's CPU, otherwise the proxies run wherever the scheduler puts them",
         world.cpus.0, world.cpus.1
     );
     let _ = writeln!(
@@ -492,6 +512,7 @@ fn render(
     if paths.contains(&PathKind::Haproxy) {
         head.push_str(" sc/haproxy |");
     }
+    head.push_str(" sc went by |");
     let cols = head.matches('|').count() - 1;
     let _ = writeln!(o, "{head}\n|{}", "---|".repeat(cols));
     for c in &res.rtt {
@@ -503,9 +524,15 @@ fn render(
             let _ = write!(row, " {} |", t.cell());
             targets.push(t);
         }
-        let _ = writeln!(o, "{row}");
+        let _ = writeln!(o, "{row} {} |", c.sc_path());
     }
-    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
+        "\n\"sc went by\": what the `sc` connection's messages took while the cell was measured \
+         (datapath counters). A busy-polling receiver is recognised during the 2,000-round-trip \
+         warm-up and the connection moves to plain TCP (\"evicted\", see the counters below), so \
+         busy-poll `sc` figures are plain TCP by design.\n"
+    );
 
     let _ = writeln!(
         o,
@@ -750,9 +777,13 @@ fn to_json(
         .iter()
         .map(|c| {
             format!(
-                "    {{\"mode\": {}, \"size\": {}, \"paths\": {}}}",
+                "    {{\"mode\": {}, \"size\": {}, \"sc_path\": {}, \"sc_msgs_redirected\": {}, \
+                 \"sc_msgs_fallback\": {}, \"paths\": {}}}",
                 json_str(c.mode.name()),
                 c.size,
+                json_str(&c.sc_path()),
+                c.sc.msgs_redirected,
+                c.sc.msgs_fallback,
                 json_paths(&c.paths, "median_us", "median_cpu_s_per_100k")
             )
         })

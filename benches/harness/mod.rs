@@ -252,6 +252,8 @@ pub struct World {
     pub dp: Datapath,
     /// The two CPUs used: client side on `cpus.0`, server/reader on `cpus.1`.
     pub cpus: (usize, usize),
+    /// Every CPU the process could run on when it started.
+    pub all_cpus: Vec<usize>,
 }
 
 /// How long to wait for a connection through the proxies.
@@ -262,6 +264,7 @@ impl World {
     /// proxies (and haproxy when installed). Needs root and two CPUs.
     pub fn new() -> Result<World> {
         require_root("this benchmark")?;
+        let all_cpus = sys::allowed_cpus()?;
         let cpus = sys::two_cpus()?;
         let dp =
             Datapath::load(&DatapathOptions::default()).context("loading the meshpath datapath")?;
@@ -306,7 +309,32 @@ impl World {
             cgroup,
             dp,
             cpus,
+            all_cpus,
         })
+    }
+
+    /// Where the proxies (tokio and haproxy) may run: `Some(cpu)` pins
+    /// them to one CPU (for the one-core mode, where everything shares a
+    /// CPU), `None` lets them run on every CPU this process may use.
+    pub fn place_proxies(&self, cpu: Option<usize>) -> Result<()> {
+        let cpus = match cpu {
+            Some(c) => vec![c],
+            None => self.all_cpus.clone(),
+        };
+        self.sidecar.set_affinity(&cpus)?;
+        if let Some(h) = &self.haproxy {
+            h.set_affinity(&cpus)?;
+        }
+        Ok(())
+    }
+
+    /// Where the proxies run in `mode`: on the client's CPU in the
+    /// one-core mode, anywhere otherwise.
+    pub fn place_proxies_for(&self, mode: Mode) -> Result<()> {
+        match mode {
+            Mode::BlockOneCore => self.place_proxies(Some(self.cpus.0)),
+            _ => self.place_proxies(None),
+        }
     }
 
     /// The paths measured, in table order.

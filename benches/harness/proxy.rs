@@ -23,6 +23,8 @@ const PROXY_BUF: usize = 64 << 10;
 
 /// One proxy: its thread and the way to stop it.
 struct Proxy {
+    /// The proxy thread's id, for sched_setaffinity.
+    tid: nix::unistd::Pid,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -36,7 +38,7 @@ impl Proxy {
         l.set_nonblocking(true).context("listener O_NONBLOCK")?;
         let cpus = sys::allowed_cpus()?;
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<nix::unistd::Pid>>();
         let thread_name = name.to_string();
         let thread = std::thread::Builder::new()
             .name(name.to_string())
@@ -56,7 +58,7 @@ impl Proxy {
                 };
                 let (rt, l) = match setup() {
                     Ok(x) => {
-                        let _ = ready_tx.send(Ok(()));
+                        let _ = ready_tx.send(Ok(nix::unistd::gettid()));
                         x
                     }
                     Err(e) => {
@@ -69,12 +71,13 @@ impl Proxy {
                 // sockets close and the ends see EOF.
             })
             .context("spawning a proxy thread")?;
-        ready_rx
+        let tid = ready_rx
             .recv()
             .context("the proxy thread died while starting")?
             .with_context(|| format!("starting {name}"))?;
         Ok((
             Proxy {
+                tid,
                 stop: Some(stop_tx),
                 thread: Some(thread),
             },
@@ -145,8 +148,8 @@ pub struct ProxyPair {
     /// Proxy B's address.
     pub back: SocketAddr,
     // Drop A before B.
-    _a: Proxy,
-    _b: Proxy,
+    a: Proxy,
+    b: Proxy,
 }
 
 impl ProxyPair {
@@ -159,12 +162,13 @@ impl ProxyPair {
     ) -> Result<ProxyPair> {
         let (b, back) = Proxy::start("proxy-b", b_listen, server)?;
         let (a, front) = Proxy::start("proxy-a", a_listen, back)?;
-        Ok(ProxyPair {
-            front,
-            back,
-            _a: a,
-            _b: b,
-        })
+        Ok(ProxyPair { front, back, a, b })
+    }
+
+    /// Lets both proxy threads run on `cpus` only.
+    pub fn set_affinity(&self, cpus: &[usize]) -> Result<()> {
+        sys::set_affinity(self.a.tid, cpus).context("proxy A")?;
+        sys::set_affinity(self.b.tid, cpus).context("proxy B")
     }
 }
 
@@ -288,6 +292,15 @@ impl Haproxy {
             .context("the probe byte never arrived")?;
         if &b != b"p" {
             bail!("the probe byte arrived as {b:?}");
+        }
+        Ok(())
+    }
+
+    /// Lets both haproxy processes (one thread each) run on `cpus` only.
+    pub fn set_affinity(&self, cpus: &[usize]) -> Result<()> {
+        for c in &self.children {
+            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+            sys::set_affinity(pid, cpus).context("haproxy")?;
         }
         Ok(())
     }

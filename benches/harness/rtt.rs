@@ -78,10 +78,22 @@ impl RttConn {
     /// Connects over `path` and starts the server side of `mode`.
     pub fn new(world: &World, path: PathKind, mode: Mode) -> Result<RttConn> {
         let (c, s) = world.pair(path)?;
+        RttConn::with_pair(path, mode, world.cpus, c, s)
+    }
+
+    /// Uses an existing (client, server) pair, labelled `path`; the server
+    /// runs on `cpus.1` (`cpus.0` in `Mode::BlockOneCore`).
+    pub fn with_pair(
+        path: PathKind,
+        mode: Mode,
+        cpus: (usize, usize),
+        c: Sock,
+        s: Sock,
+    ) -> Result<RttConn> {
         let server_ctl = s.try_clone().context("dup of the server socket")?;
         let server_cpu = match mode {
-            Mode::BlockOneCore => world.cpus.0,
-            _ => world.cpus.1,
+            Mode::BlockOneCore => cpus.0,
+            _ => cpus.1,
         };
         let server = std::thread::Builder::new()
             .name(format!("rtt-{}-{}", path.name(), mode.name()))

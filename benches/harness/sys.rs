@@ -47,6 +47,16 @@ pub fn unpin(cpus: &[usize]) -> Result<()> {
     sched_setaffinity(Pid::from_raw(0), &set).context("unpinning a thread")
 }
 
+/// Lets thread (or single-threaded process) `tid` run on `cpus` only.
+pub fn set_affinity(tid: Pid, cpus: &[usize]) -> Result<()> {
+    let mut set = CpuSet::new();
+    for &c in cpus {
+        set.set(c)
+            .with_context(|| format!("CPU {c} out of range"))?;
+    }
+    sched_setaffinity(tid, &set).with_context(|| format!("sched_setaffinity({tid}, {cpus:?})"))
+}
+
 /// User + system CPU time of the whole process so far.
 pub fn cpu_time() -> Result<Duration> {
     let u = getrusage(UsageWho::RUSAGE_SELF).context("getrusage(RUSAGE_SELF)")?;
