@@ -290,11 +290,11 @@ fn measure_rtt(
 
 fn measure_stream(world: &World, paths: &[PathKind], plan: &Plan, res: &mut Results) -> Result<()> {
     world.place_proxies(None)?;
+    let c0 = world.counters()?;
     let mut conns = Vec::new();
     for &p in paths {
         conns.push(StreamConn::new(world, p)?);
     }
-    let c0 = world.counters()?;
     for size in SIZES {
         let pilot = ((4u64 << 20) / size as u64).max(8);
         let mut n = Vec::new();
