@@ -39,9 +39,15 @@ MP_ALWAYS_INLINE bool mp_all_zero(const __u32 a[4])
 	return !(a[0] | a[1] | a[2] | a[3]);
 }
 
-/* Judges src -> dst:port; returns the hook's answer (1 pass, 0 EPERM). */
+/*
+ * Judges src:sport -> dst:dport; returns the hook's answer (1 pass, 0
+ * EPERM).  TCP connects start flows.  A UDP send may also be a reply in
+ * an allowed flow (a server answering with sendto), judged as packets
+ * are (mp_policy_packet).
+ */
 MP_ALWAYS_INLINE int mp_judge(__u64 word, __u32 point, __u32 src[4],
-			      const __u32 dst[4], __u8 proto, __u16 dport)
+			      const __u32 dst[4], __u8 proto, __u16 sport,
+			      __u16 dport)
 {
 	__u32 verdict;
 
@@ -57,8 +63,19 @@ MP_ALWAYS_INLINE int mp_judge(__u64 word, __u32 point, __u32 src[4],
 		else
 			src[3] = bpf_htonl(1);
 	}
-	verdict = mp_policy_flow(word, point, src, dst, proto, dport);
+	if (proto == MP_PROTO_UDP && sport)
+		verdict = mp_policy_packet(word, point, src, dst, proto, sport,
+					   dport, false);
+	else
+		verdict = mp_policy_flow(word, point, src, dst, proto, dport);
 	return mp_verdict_passes(verdict) ? 1 : 0;
+}
+
+MP_ALWAYS_INLINE __u16 mp_local_port(struct bpf_sock_addr *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+
+	return sk ? sk->src_port : 0; /* host order; 0 before bind */
 }
 
 MP_ALWAYS_INLINE int mp_addr4(struct bpf_sock_addr *ctx, __u32 point,
@@ -75,7 +92,7 @@ MP_ALWAYS_INLINE int mp_addr4(struct bpf_sock_addr *ctx, __u32 point,
 		src[0] = src[1] = src[2] = src[3] = 0;
 	mp_v4_mapped(dst, ctx->user_ip4);
 	return mp_judge(word, point, src, dst, mp_sock_proto(ctx),
-			bpf_ntohs(ctx->user_port));
+			mp_local_port(ctx), bpf_ntohs(ctx->user_port));
 }
 
 MP_ALWAYS_INLINE int mp_addr6(struct bpf_sock_addr *ctx, __u32 point,
@@ -95,7 +112,7 @@ MP_ALWAYS_INLINE int mp_addr6(struct bpf_sock_addr *ctx, __u32 point,
 	dst[2] = ctx->user_ip6[2];
 	dst[3] = ctx->user_ip6[3];
 	return mp_judge(word, point, src, dst, mp_sock_proto(ctx),
-			bpf_ntohs(ctx->user_port));
+			mp_local_port(ctx), bpf_ntohs(ctx->user_port));
 }
 
 SEC("cgroup/connect4")

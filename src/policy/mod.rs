@@ -331,9 +331,13 @@ impl Datapath {
             DefaultAction::Deny => abi::Action::MP_ACTION_DENY.0,
         } as u8;
         self.update_settings(|s| s.policy = abi::policy_word(gen, true, default, idle))?;
-        // The state is live. Bring the other copy up to date; a failure
-        // here leaves it stale, which the next change repairs (it diffs
-        // against what the kernel holds).
+        // The state is live. A program that loaded the word just before
+        // the store may still be looking up the old copy: wait until every
+        // such program has finished before rewriting it.
+        rcu_grace_period();
+        // Bring the other copy up to date; a failure here leaves it stale,
+        // which the next change repairs (it diffs against what the kernel
+        // holds).
         let _ = sync_epoch(maps, idle ^ 1, &compiled);
         let names = maps.typed::<u32, IdentityName>("meshpath_identities")?;
         for n in names.keys()? {
@@ -345,6 +349,20 @@ impl Datapath {
         change.generation = gen;
         change.flows_reset = self.reset_denied_flows()?;
         Ok(change)
+    }
+}
+
+/// Waits for an RCU grace period: every BPF program running now (they run
+/// inside RCU read-side sections) has returned when this does.
+/// `membarrier(MEMBARRIER_CMD_GLOBAL)` is implemented with
+/// `synchronize_rcu()`; where it is unavailable (nohz_full CPUs) a sleep far
+/// longer than any program runs stands in.
+fn rcu_grace_period() {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    // SAFETY: membarrier takes two integer arguments and touches no memory.
+    let r = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if r != 0 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
 
