@@ -1,14 +1,49 @@
 //! The reference node agent.
 //!
 //! ```text
-//! agent --cgroup DIR [--cgroup DIR2 ...] [--pin DIR] [options]
+//! agent --cgroup DIR [--cgroup DIR2 ...] [--pin DIR] [--config FILE.json] [options]
 //! ```
 //!
-//! Loads the meshpath datapath, attaches it to every `--cgroup`, prints one
-//! line containing `ready` on stdout, and runs until SIGINT or SIGTERM, when
-//! it detaches and exits 0. Any error is one line on stderr
-//! (`agent: error: ...`) and exit status 1; problems the load-time probe
-//! found are `agent: warning: ...` lines on stderr.
+//! Loads the meshpath datapath, applies the policy of `--config` (if any),
+//! attaches to every `--cgroup`, prints one line containing `ready` on
+//! stdout, and runs until SIGINT or SIGTERM, when it detaches and exits 0.
+//! Any error is one line on stderr (`agent: error: ...`) and exit status 1;
+//! problems the load-time probe found are `agent: warning: ...` lines on
+//! stderr.
+//!
+//! # Policy
+//!
+//! Without `--config` there is no policy: everything passes. With it, the
+//! agent enforces the JSON file's identity policy:
+//!
+//! ```json
+//! {
+//!   "default_action": "deny",
+//!   "endpoints": [ {"ip": "127.0.0.2", "identity": "spiffe://mesh.local/ns/shop/sa/frontend"},
+//!                  {"ip": "198.18.0.0/16", "identity": "spiffe://mesh.local/ns/db/sa/postgres"} ],
+//!   "policies": [ {"from": "spiffe://mesh.local/ns/shop/sa/frontend",
+//!                  "to": "spiffe://mesh.local/ns/db/sa/postgres",
+//!                  "protocol": "tcp", "ports": [5432], "action": "allow"} ]
+//! }
+//! ```
+//!
+//! `default_action` (`allow` or `deny`) is required; `endpoints` and
+//! `policies` may be left out (empty). An endpoint needs `ip` (an address
+//! or CIDR) and `identity` (a SPIFFE ID, `host` or `world`). A rule needs
+//! `from` and `to` (a SPIFFE ID, `*`, `host` or `world`), `protocol`
+//! (`tcp`, `udp`, `icmp` or `any`) and `action` (`allow`, `deny`, `audit`
+//! or `auth`); `ports` (1-65535) may be left out or empty: any port. Any
+//! other key is an error.
+//!
+//! On SIGHUP the agent re-reads the file and applies the difference
+//! atomically; established flows the new policy denies are reset (also in
+//! every `--policy-reset-netns`). After each successful (re)load it prints
+//! `agent: policy applied: generation N, E endpoints, R rules
+//! (+written/-removed entries), F flows reset` on stdout. A file that does
+//! not parse or validate is one `agent: error: config FILE: ...` line on
+//! stderr naming the field (e.g. `invalid policies[0].ports[1]: ...`): at
+//! startup the agent exits 1, on SIGHUP it keeps running and the policy in
+//! force stays exactly as it was.
 //!
 //! The command line is a contract other tools depend on: flag names are
 //! stable, and new flags are added as new fields of [`Args`].
@@ -16,7 +51,7 @@
 use std::fmt::Write as _;
 use std::io::Write;
 use std::os::fd::AsFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -24,15 +59,23 @@ use anyhow::{bail, Context};
 use clap::error::ErrorKind;
 use clap::{ColorChoice, Parser};
 use meshpath::cgroup::{self, CgroupDir};
+use meshpath::policy::{
+    Action, DefaultAction, Endpoint, Identity, Peer, PolicyChange, PolicyState, Protocol, Rule,
+};
 use meshpath::{AttachOptions, CgroupAttachment, Datapath, DatapathOptions, IpNet, PortSide};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+
+/// How often stale socket-index entries are swept.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 
 // The agent's command line.
 //
-// Flags planned for later (`--config FILE`, `--xdp IFACE`, `--node`,
+// Flags planned for later (`--xdp IFACE`, `--node`,
 // `--auth-listen`, `--peers`, `--cert`, `--key`, `--ca`,
 // `--metrics ADDR:PORT`, `--flows[=json]`, `--cleanup`) are added here as
 // fields; everything downstream reads this struct only.
@@ -42,7 +85,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
     version,
     about = "meshpath node agent: short-circuits same-host TCP for processes in the given cgroup v2 directories",
     long_about = None,
-    override_usage = "agent --cgroup DIR [--cgroup DIR ...] [--pin DIR] [OPTIONS]",
+    override_usage = "agent --cgroup DIR [--cgroup DIR ...] [--pin DIR] [--config FILE.json] [OPTIONS]",
     color = ColorChoice::Never
 )]
 struct Args {
@@ -87,6 +130,16 @@ struct Args {
         value_parser = clap::value_parser!(u64).range(1..=86_400)
     )]
     stats_interval: Option<u64>,
+
+    /// Identity policy to enforce (JSON; re-read on SIGHUP). Without it
+    /// everything is allowed.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// After every policy (re)load also reset the flows it denies in the
+    /// network namespace at PATH, e.g. /run/netns/NAME (repeatable).
+    #[arg(long = "policy-reset-netns", value_name = "PATH", requires = "config")]
+    policy_reset_netns: Vec<PathBuf>,
 }
 
 fn parse_port(s: &str) -> Result<u16, String> {
@@ -138,16 +191,32 @@ fn run(args: &Args) -> anyhow::Result<()> {
     // Block the signals we wait for before anything else can start a
     // thread, so that every thread inherits the mask and a signal arriving
     // at any point (even during load) is queued for the signalfd.
-    let signals = shutdown_signals();
+    let signals = handled_signals();
     signals
         .thread_block()
-        .context("blocking SIGINT and SIGTERM")?;
+        .context("blocking SIGINT, SIGTERM and SIGHUP")?;
     let sigfd = SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
         .context("creating a signalfd")?;
 
     let targets = validate_cgroups(args)?;
+    // A config that does not parse or validate fails before anything is
+    // loaded.
+    let state = args.config.as_deref().map(load_config).transpose()?;
+    for ns in &args.policy_reset_netns {
+        std::fs::File::open(ns)
+            .with_context(|| format!("--policy-reset-netns {}", ns.display()))?;
+    }
     let dp = load_datapath(args)?;
     configure(&dp, args)?;
+    // The policy is in force before any cgroup is attached: no workload
+    // runs unchecked for a moment.
+    match (&args.config, state) {
+        (Some(path), Some(state)) => apply_policy(&dp, path, &state, args, true)?,
+        _ => {
+            // No policy; a datapath adopted from --pin may still hold one.
+            dp.disable_policy().context("turning policy off")?;
+        }
+    }
     let attachments = attach(&dp, &targets, args)?;
 
     let names: Vec<String> = attachments
@@ -162,7 +231,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
     ))
     .context("writing the ready line to stdout")?;
 
-    let signal = wait_for_signal(&sigfd, &dp, args.stats_interval.map(Duration::from_secs))?;
+    let signal = serve(&sigfd, &dp, args)?;
 
     let n = attachments.len();
     for a in attachments {
@@ -175,6 +244,9 @@ fn run(args: &Args) -> anyhow::Result<()> {
             );
         }
     }
+    // Sockets of a detached cgroup get no close callback: drop their
+    // index entries now.
+    sweep(&dp);
     let _ = say(&format!(
         "agent: {} received: detached from {n} cgroup{}, exiting",
         signal.as_str(),
@@ -183,10 +255,11 @@ fn run(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn shutdown_signals() -> SigSet {
+fn handled_signals() -> SigSet {
     let mut set = SigSet::empty();
     set.add(Signal::SIGINT);
     set.add(Signal::SIGTERM);
+    set.add(Signal::SIGHUP);
     set
 }
 
@@ -278,39 +351,46 @@ fn attach(
         .collect()
 }
 
-/// Waits for SIGINT or SIGTERM, printing the counters every `interval`.
-fn wait_for_signal(
-    sigfd: &SignalFd,
-    dp: &Datapath,
-    interval: Option<Duration>,
-) -> anyhow::Result<Signal> {
-    let mut next_stats = interval.map(|i| Instant::now() + i);
+/// Runs until SIGINT or SIGTERM (returned): reloads the config on SIGHUP,
+/// sweeps stale index entries every [`SWEEP_INTERVAL`] and prints the
+/// counters every `--stats-interval`.
+fn serve(sigfd: &SignalFd, dp: &Datapath, args: &Args) -> anyhow::Result<Signal> {
+    let stats_every = args.stats_interval.map(Duration::from_secs);
+    let mut next_stats = stats_every.map(|i| Instant::now() + i);
+    let mut next_sweep = Instant::now() + SWEEP_INTERVAL;
     loop {
-        let timeout = match next_stats {
-            None => PollTimeout::NONE,
-            Some(at) => {
-                let ms = at
-                    .saturating_duration_since(Instant::now())
-                    .as_micros()
-                    .div_ceil(1000)
-                    .min(i32::MAX as u128) as i32;
-                PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
-            }
-        };
+        let wake = next_stats.map_or(next_sweep, |s| s.min(next_sweep));
+        let ms = wake
+            .saturating_duration_since(Instant::now())
+            .as_micros()
+            .div_ceil(1000)
+            .min(i32::MAX as u128) as i32;
+        let timeout = PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX);
         let mut fds = [PollFd::new(sigfd.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, timeout) {
             Ok(0) | Err(Errno::EINTR) => {}
             Ok(_) => {
-                if let Some(info) = sigfd.read_signal().context("reading the signalfd")? {
+                // Drain every queued signal: a SIGTERM behind a SIGHUP
+                // still stops the agent.
+                while let Some(info) = sigfd.read_signal().context("reading the signalfd")? {
                     let signo = i32::try_from(info.ssi_signo).unwrap_or(0);
-                    return Signal::try_from(signo)
-                        .with_context(|| format!("unexpected signal number {signo}"));
+                    let sig = Signal::try_from(signo)
+                        .with_context(|| format!("unexpected signal number {signo}"))?;
+                    if sig == Signal::SIGHUP {
+                        reload(dp, args);
+                    } else {
+                        return Ok(sig);
+                    }
                 }
             }
-            Err(e) => return Err(e).context("waiting for SIGINT or SIGTERM"),
+            Err(e) => return Err(e).context("waiting for signals"),
         }
-        if let (Some(at), Some(every)) = (next_stats, interval) {
-            let now = Instant::now();
+        let now = Instant::now();
+        if now >= next_sweep {
+            sweep(dp);
+            next_sweep = now + SWEEP_INTERVAL;
+        }
+        if let (Some(at), Some(every)) = (next_stats, stats_every) {
             if now >= at {
                 print_stats(dp);
                 // Skip ticks missed while suspended rather than bursting.
@@ -324,10 +404,311 @@ fn wait_for_signal(
     }
 }
 
+/// SIGHUP: re-reads `--config` and applies it. Every failure is one
+/// `agent: error:` line and leaves the policy in force as it was.
+fn reload(dp: &Datapath, args: &Args) {
+    let Some(path) = &args.config else {
+        warn("SIGHUP received without --config: there is no policy to reload");
+        return;
+    };
+    let result = load_config(path).and_then(|state| apply_policy(dp, path, &state, args, false));
+    if let Err(e) = result {
+        eprintln!("agent: error: {}", one_line(&e));
+    }
+}
+
+/// Removes stale socket-index entries; a failure is a warning.
+fn sweep(dp: &Datapath) {
+    if let Err(e) = dp.sweep_stale() {
+        warn(&format!(
+            "sweeping stale socket entries: {}",
+            one_line(&e.into())
+        ));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The policy config.
+
+/// The config file as written. Every struct refuses unknown keys, so a
+/// misspelt key is an error naming it rather than silently ignored.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    default_action: String,
+    #[serde(default)]
+    endpoints: Vec<ConfigEndpoint>,
+    #[serde(default)]
+    policies: Vec<ConfigRule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigEndpoint {
+    ip: String,
+    identity: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigRule {
+    from: String,
+    to: String,
+    protocol: String,
+    #[serde(default)]
+    ports: Vec<ConfigPort>,
+    action: String,
+}
+
+/// A port as written: any JSON integer 0-65535 (0 is refused, naming the
+/// field, by the library's validation); anything else is an error here.
+#[derive(Debug, Clone, Copy)]
+struct ConfigPort(u16);
+
+impl<'de> Deserialize<'de> for ConfigPort {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct PortVisitor;
+        impl Visitor<'_> for PortVisitor {
+            type Value = ConfigPort;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a port number (1-65535)")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ConfigPort, E> {
+                u16::try_from(v)
+                    .map(ConfigPort)
+                    .map_err(|_| E::custom(format!("{v} is not a port (ports are 1-65535)")))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ConfigPort, E> {
+                u64::try_from(v)
+                    .map_err(|_| E::custom(format!("{v} is not a port (ports are 1-65535)")))
+                    .and_then(|v| self.visit_u64(v))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<ConfigPort, E> {
+                Err(E::custom(format!(
+                    "{v} is not a port (ports are integers 1-65535)"
+                )))
+            }
+        }
+        d.deserialize_any(PortVisitor)
+    }
+}
+
+/// Reads, parses and validates the config file. Errors are
+/// `config FILE: ...` naming the field (and, for JSON errors, the line and
+/// column).
+fn load_config(path: &Path) -> anyhow::Result<PolicyState> {
+    let ctx = || format!("config {}", path.display());
+    let text = std::fs::read_to_string(path)
+        .context("cannot read it")
+        .with_context(ctx)?;
+    let file = parse_config(&text).with_context(ctx)?;
+    build_state(file).with_context(ctx)
+}
+
+fn parse_config(text: &str) -> anyhow::Result<ConfigFile> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let file: ConfigFile = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path: Vec<String> = e.path().iter().map(ToString::to_string).collect();
+        json_error(text, &path, e.into_inner())
+    })?;
+    // Nothing but whitespace may follow the object.
+    de.end().map_err(|e| json_error(text, &[], e))?;
+    Ok(file)
+}
+
+/// A serde_json error as one line naming the field (`invalid
+/// policies[0].ports[0]: ...`) where it is known; serde_json appends
+/// `at line L column C`.
+fn json_error(text: &str, path: &[String], e: serde_json::Error) -> anyhow::Error {
+    use serde_json::error::Category;
+    let raw = e.to_string();
+    if matches!(
+        e.classify(),
+        Category::Syntax | Category::Eof | Category::Io
+    ) {
+        return anyhow::anyhow!("not valid JSON: {raw}");
+    }
+    if !text.trim_start().starts_with('{') {
+        return anyhow::anyhow!(
+            "the config must be a JSON object {{\"default_action\": ..., \"endpoints\": [...], \
+             \"policies\": [...]}}"
+        );
+    }
+    let join = |segs: &[String]| {
+        segs.iter().fold(String::new(), |mut out, s| {
+            if !out.is_empty() && !s.starts_with('[') {
+                out.push('.');
+            }
+            out.push_str(s);
+            out
+        })
+    };
+    // serde quotes names and values in backticks.
+    let quoted = |s: &str| s.replace('`', "\"");
+    if let Some(rest) = raw.strip_prefix("missing field `") {
+        // `missing field `action` at line ..`: name the key in full.
+        if let Some((name, tail)) = rest.split_once('`') {
+            let mut full = path.to_vec();
+            full.push(name.to_string());
+            return anyhow::anyhow!(
+                "invalid {}: the key is missing (it is required){tail}",
+                join(&full)
+            );
+        }
+    }
+    if raw.starts_with("unknown field `") || raw.starts_with("duplicate field `") {
+        // The path ends with the offending key itself; say where it is.
+        let parent = match path.split_last() {
+            Some((last, parent)) if raw.contains(&format!("`{last}`")) => parent,
+            _ => path,
+        };
+        return if parent.is_empty() {
+            anyhow::anyhow!("{}", quoted(&raw))
+        } else {
+            anyhow::anyhow!("invalid {}: {}", join(parent), quoted(&raw))
+        };
+    }
+    let msg = raw.replace('`', "");
+    if path.is_empty() {
+        anyhow::anyhow!("{msg}")
+    } else {
+        anyhow::anyhow!("invalid {}: {msg}", join(path))
+    }
+}
+
+/// The library's state from the file's strings. Each string is parsed on
+/// its own so that an error names its field (`endpoints[1].ip`,
+/// `policies[0].from`, ...); the whole state is then validated by the
+/// library, whose errors name fields the same way.
+fn build_state(file: ConfigFile) -> anyhow::Result<PolicyState> {
+    let default_action: DefaultAction = file
+        .default_action
+        .parse()
+        .map_err(|e| at("default_action", e))?;
+    let mut endpoints = Vec::with_capacity(file.endpoints.len());
+    for (i, e) in file.endpoints.iter().enumerate() {
+        let ip: IpNet =
+            e.ip.parse()
+                .map_err(|err| at(&format!("endpoints[{i}].ip"), err))?;
+        let identity: Identity = e
+            .identity
+            .parse()
+            .map_err(|err| at(&format!("endpoints[{i}].identity"), err))?;
+        endpoints.push(Endpoint { ip, identity });
+    }
+    let mut policies = Vec::with_capacity(file.policies.len());
+    for (i, r) in file.policies.iter().enumerate() {
+        let peer = |s: &str, side: &str| -> anyhow::Result<Peer> {
+            s.parse().map_err(|err| {
+                let e = at(&format!("policies[{i}].{side}"), err);
+                anyhow::anyhow!("{e:#} ({side} is a SPIFFE ID, \"*\", \"host\" or \"world\")")
+            })
+        };
+        let from = peer(&r.from, "from")?;
+        let to = peer(&r.to, "to")?;
+        let protocol: Protocol = r
+            .protocol
+            .parse()
+            .map_err(|err| at(&format!("policies[{i}].protocol"), err))?;
+        let action: Action = r
+            .action
+            .parse()
+            .map_err(|err| at(&format!("policies[{i}].action"), err))?;
+        policies.push(Rule {
+            from,
+            to,
+            protocol,
+            ports: r.ports.iter().map(|p| p.0).collect(),
+            action,
+        });
+    }
+    let state = PolicyState {
+        default_action,
+        endpoints,
+        policies,
+    };
+    // Errors name the field: `invalid policies[0].ports[1]: ...`.
+    state.validate()?;
+    Ok(state)
+}
+
+/// A library parse error re-aimed at the config field `path`: the
+/// library names what it parsed (`SPIFFE ID`, `CIDR`, ...), the config
+/// user needs the key.
+fn at(path: &str, e: meshpath::Error) -> anyhow::Error {
+    match e {
+        meshpath::Error::Invalid { field, reason } => {
+            let what = match field.as_str() {
+                // The reason alone does not say what was expected.
+                "SPIFFE ID" | "CIDR prefix length" => format!("{field} "),
+                _ => String::new(),
+            };
+            anyhow::anyhow!("invalid {path}: {what}{reason}")
+        }
+        other => anyhow::Error::new(other).context(format!("invalid {path}")),
+    }
+}
+
+/// Applies `state`, resets the flows it denies in every
+/// `--policy-reset-netns`, and prints the `policy applied` line. At
+/// startup a failed namespace reset is an error; on reload a warning (the
+/// policy is in force either way).
+fn apply_policy(
+    dp: &Datapath,
+    path: &Path,
+    state: &PolicyState,
+    args: &Args,
+    startup: bool,
+) -> anyhow::Result<()> {
+    let change: PolicyChange = match dp.replace_policy(state) {
+        Ok(c) => c,
+        Err(e) if dp.policy().as_ref() == Some(state) => {
+            // The switch happened; resetting the denied flows failed.
+            return Err(anyhow::Error::new(e).context(format!(
+                "config {}: the policy is applied, but resetting the flows it denies failed",
+                path.display()
+            )));
+        }
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context(format!(
+                "config {}: applying it (the policy in force is unchanged)",
+                path.display()
+            )))
+        }
+    };
+    let mut reset = change.flows_reset;
+    for ns in &args.policy_reset_netns {
+        match dp.reset_denied_flows_in(ns) {
+            Ok(n) => reset += n,
+            Err(e) => {
+                let e = anyhow::Error::new(e).context(format!(
+                    "--policy-reset-netns {}: resetting denied flows",
+                    ns.display()
+                ));
+                if startup {
+                    return Err(e);
+                }
+                warn(&one_line(&e));
+            }
+        }
+    }
+    say(&format!(
+        "agent: policy applied: generation {}, {} endpoints, {} rules (+{}/-{} entries), {} flows reset",
+        change.generation,
+        state.endpoints.len(),
+        state.policies.len(),
+        change.endpoints_written + change.rules_written,
+        change.endpoints_removed + change.rules_removed,
+        reset
+    ))
+    .context("writing to stdout")
+}
+
 fn print_stats(dp: &Datapath) {
     match dp.counters() {
         Ok(c) => {
-            let mut line = format!("agent: counters: sockets_tracked={}", c.sockets_tracked());
+            // iter() starts with the derived sockets_tracked.
+            let mut line = String::from("agent: counters:");
             for (name, v) in c.iter() {
                 let _ = write!(line, " {name}={v}");
             }
