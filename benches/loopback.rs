@@ -116,7 +116,11 @@ fn stream(c: &mut Criterion, world: &World) {
     let mut conns: Vec<StreamConn> = world
         .paths()
         .into_iter()
-        .map(|p| StreamConn::new(world, p).expect("setting up a stream"))
+        .map(|p| {
+            let mut c = StreamConn::new(world, p).expect("setting up a stream");
+            c.warm_up().expect("stream warm-up");
+            c
+        })
         .collect();
     let before = world.counters().expect("reading counters");
     for size in SIZES {
