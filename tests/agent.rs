@@ -2,7 +2,10 @@
 //!
 //! * `agent --cgroup DIR` prints one line containing `ready`, short-circuits
 //!   TCP of that cgroup while it runs, and exits 0 on SIGTERM or SIGINT;
-//! * every error is exactly one line on stderr and exit status 1.
+//! * every error is exactly one line on stderr and exit status 1;
+//! * `--config FILE.json` enforces an identity policy, re-read on SIGHUP;
+//!   an invalid file is one stderr line naming the field (exit 1 at
+//!   startup; on SIGHUP the agent keeps running and the old policy stays).
 //!
 //! These tests load eBPF programs and create cgroups: they must run as
 //! root, and fail (never pass) otherwise. They never attach to the root
@@ -10,7 +13,7 @@
 
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -134,6 +137,8 @@ fn build_agent(profile_dir: &Path) {
 struct Agent {
     child: Child,
     stdout: Receiver<String>,
+    /// stderr line by line, as it comes (also kept whole in `stderr`).
+    stderr_lines: Receiver<String>,
     stderr: Option<JoinHandle<String>>,
     seen: Vec<String>,
 }
@@ -170,14 +175,27 @@ impl Agent {
                 }
             }
         });
+        let (etx, erx) = mpsc::channel();
         let stderr = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = err.read_to_string(&mut s);
-            s
+            let mut all = String::new();
+            let mut reader = BufReader::new(&mut err);
+            loop {
+                let mut raw = Vec::new();
+                match reader.read_until(b'\n', &mut raw) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let line = String::from_utf8_lossy(&raw);
+                        all.push_str(&line);
+                        let _ = etx.send(line.trim_end_matches('\n').to_string());
+                    }
+                }
+            }
+            all
         });
         Agent {
             child,
             stdout: rx,
+            stderr_lines: erx,
             stderr: Some(stderr),
             seen: Vec::new(),
         }
@@ -240,6 +258,27 @@ impl Agent {
                 ),
             }
         }
+    }
+
+    /// Waits for the next stderr line that is not a warning.
+    fn wait_stderr_line(&mut self, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr_lines.recv_timeout(left) {
+                Ok(line) if line.starts_with("agent: warning:") => continue,
+                Ok(line) => return line,
+                Err(e) => panic!(
+                    "no stderr line within {timeout:?} ({e}); stdout so far: {:?}",
+                    self.seen
+                ),
+            }
+        }
+    }
+
+    /// Whether the process is still running.
+    fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     fn signal(&self, sig: Signal) {
@@ -796,10 +835,498 @@ fn help_exits_zero_and_names_the_contract_flags() {
         "--no-short-circuit",
         "--allow-root-cgroup",
         "--stats-interval",
+        "--config",
+        "--policy-reset-netns",
     ] {
         assert!(
             text.contains(flag),
             "--help does not mention {flag}:\n{text}"
         );
     }
+}
+
+// ---------------------------------------------------------------------------
+// --config: identity policy, SIGHUP reload. Loopback "pods": frontend at
+// 127.0.0.2, db at 127.0.0.3 (listening in the private cgroup), and an
+// address no endpoint covers (world) at 127.0.0.4.
+
+const FE: &str = "spiffe://mesh.local/ns/shop/sa/frontend";
+const DB: &str = "spiffe://mesh.local/ns/db/sa/postgres";
+
+/// Default deny; frontend -> db:`port` over TCP gets `action`.
+fn policy_config(port: u16, action: &str) -> serde_json::Value {
+    serde_json::json!({
+        "default_action": "deny",
+        "endpoints": [
+            {"ip": "127.0.0.2", "identity": FE},
+            {"ip": "127.0.0.3", "identity": DB}
+        ],
+        "policies": [
+            {"from": FE, "to": DB, "protocol": "tcp", "ports": [port], "action": action}
+        ]
+    })
+}
+
+/// Invalid variants of `good` (a `policy_config`): (what, file text,
+/// strings the one error line must contain).
+fn invalid_configs(good: &serde_json::Value) -> Vec<(&'static str, String, Vec<&'static str>)> {
+    let edit = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut v = good.clone();
+        f(&mut v);
+        serde_json::to_string_pretty(&v).expect("serialising a config")
+    };
+    let pretty = serde_json::to_string_pretty(good).expect("serialising a config");
+    vec![
+        (
+            "bad JSON",
+            pretty[..pretty.len() / 2].to_string(),
+            vec!["not valid JSON", "line ", "column "],
+        ),
+        (
+            "unknown key",
+            pretty.replacen("\"policies\"", "\"polices\"", 1),
+            vec!["unknown field", "\"polices\"", "line "],
+        ),
+        (
+            "port 0",
+            edit(&|v| {
+                v["policies"][0]["ports"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(0.into())
+            }),
+            vec!["policies[0].ports[1]", "0 is not a port"],
+        ),
+        (
+            "port 70000",
+            edit(&|v| v["policies"][0]["ports"][0] = 70000.into()),
+            vec!["policies[0].ports[0]", "70000"],
+        ),
+        (
+            "port -1",
+            edit(&|v| v["policies"][0]["ports"][0] = (-1).into()),
+            vec!["policies[0].ports[0]", "-1"],
+        ),
+        (
+            "bad CIDR",
+            edit(&|v| v["endpoints"][1]["ip"] = "127.0.0.3/8".into()),
+            vec!["endpoints[1].ip", "127.0.0.3/8"],
+        ),
+        (
+            "bad SPIFFE ID (endpoint)",
+            edit(&|v| v["endpoints"][0]["identity"] = "spiffe://Mesh.local/frontend".into()),
+            vec!["endpoints[0].identity", "SPIFFE ID"],
+        ),
+        (
+            "bad SPIFFE ID (rule)",
+            edit(&|v| v["policies"][0]["from"] = "frontend".into()),
+            vec!["policies[0].from", "SPIFFE ID"],
+        ),
+        (
+            "bad protocol",
+            edit(&|v| v["policies"][0]["protocol"] = "sctp".into()),
+            vec!["policies[0].protocol", "sctp"],
+        ),
+        (
+            "bad action",
+            edit(&|v| v["policies"][0]["action"] = "permit".into()),
+            vec!["policies[0].action", "permit"],
+        ),
+        (
+            "bad default action",
+            edit(&|v| v["default_action"] = "maybe".into()),
+            vec!["default_action", "maybe"],
+        ),
+        (
+            "missing key",
+            edit(&|v| {
+                v["policies"][0].as_object_mut().unwrap().remove("action");
+            }),
+            vec!["policies[0].action", "missing"],
+        ),
+    ]
+}
+
+/// Writes `text` to `path` atomically (a reader never sees half a file).
+fn write_config(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, text).unwrap_or_else(|e| panic!("writing {}: {e}", tmp.display()));
+    fs::rename(&tmp, path).unwrap_or_else(|e| panic!("renaming to {}: {e}", path.display()));
+}
+
+/// A TCP connection from `src` (bound, port 0) to `dst`.
+fn connect_from(src: &str, dst: SocketAddr) -> io::Result<TcpStream> {
+    use nix::sys::socket::{bind, socket, AddressFamily, SockFlag, SockType, SockaddrStorage};
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let src = SocketAddr::new(src.parse().expect("a source address"), 0);
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(src))?;
+    let s = TcpStream::from(fd);
+    nix::sys::socket::connect(s.as_raw_fd(), &SockaddrStorage::from(dst))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.set_write_timeout(Some(Duration::from_secs(10)))?;
+    Ok(s)
+}
+
+fn is_eperm(r: &io::Result<TcpStream>) -> bool {
+    matches!(r, Err(e) if e.raw_os_error() == Some(libc::EPERM))
+}
+
+fn describe(r: &io::Result<TcpStream>) -> String {
+    match r {
+        Ok(s) => format!("connected ({:?})", s.local_addr()),
+        Err(e) => format!("{e}"),
+    }
+}
+
+/// A policy test's world: a private cgroup with the db listening in it,
+/// and a config file.
+struct PolicyWorld {
+    cg: ScopedCgroup,
+    db: TcpListener,
+    db_addr: SocketAddr,
+    _dir: TempDir,
+    config: PathBuf,
+}
+
+impl PolicyWorld {
+    fn new() -> PolicyWorld {
+        let cg = scoped_cgroup();
+        let db = {
+            let _inside = cg.enter().expect("entering the private cgroup");
+            TcpListener::bind("127.0.0.3:0").expect("binding 127.0.0.3:0")
+        };
+        db.set_nonblocking(true).expect("non-blocking listener");
+        let db_addr = db.local_addr().expect("db address");
+        let dir = TempDir::new();
+        let config = dir.0.join("policy.json");
+        PolicyWorld {
+            cg,
+            db,
+            db_addr,
+            _dir: dir,
+            config,
+        }
+    }
+
+    fn write(&self, config: &serde_json::Value) {
+        write_config(&self.config, &config.to_string());
+    }
+
+    /// Starts the agent on the cgroup (with `--config` when `with_config`)
+    /// and waits for `ready`.
+    fn agent(&self, with_config: bool, extra: &[&str]) -> Agent {
+        let mut args = vec![
+            "--cgroup".to_string(),
+            self.cg.path().to_string_lossy().into_owned(),
+        ];
+        if with_config {
+            args.push("--config".into());
+            args.push(self.config.to_string_lossy().into_owned());
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut agent = Agent::spawn(&args);
+        agent.wait_ready();
+        agent
+    }
+
+    /// A connection from `src` to the db, made inside the cgroup.
+    fn connect(&self, src: &str) -> io::Result<TcpStream> {
+        let _inside = self.cg.enter().expect("entering the private cgroup");
+        connect_from(src, self.db_addr)
+    }
+
+    /// The db's side of the next connection.
+    fn accept(&self) -> TcpStream {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.db.accept() {
+                Ok((s, _)) => {
+                    s.set_nonblocking(false).expect("blocking socket");
+                    s.set_nodelay(true).expect("TCP_NODELAY");
+                    s.set_read_timeout(Some(Duration::from_secs(10)))
+                        .expect("read timeout");
+                    return s;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => panic!("accepting on the db listener: {e}"),
+            }
+        }
+    }
+
+    /// frontend -> db is allowed: connects, and bytes go both ways
+    /// byte-exact. Returns the pair.
+    fn assert_allowed(&self, src: &str, when: &str) -> (TcpStream, TcpStream) {
+        let r = self.connect(src);
+        let mut c = r.unwrap_or_else(|e| panic!("{when}: {src} -> db should connect: {e}"));
+        let mut s = self.accept();
+        exchange(&mut c, &mut s);
+        (c, s)
+    }
+
+    fn assert_denied(&self, src: &str, when: &str) {
+        let r = self.connect(src);
+        assert!(
+            is_eperm(&r),
+            "{when}: {src} -> db should get EPERM, got: {}",
+            describe(&r)
+        );
+    }
+}
+
+/// The numbers of an `agent: policy applied: generation N, E endpoints,
+/// R rules (+W/-D entries), F flows reset` line: (N, E, R, W, D, F).
+fn parse_applied(line: &str) -> (u32, usize, usize, usize, usize, u64) {
+    let nums: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().expect("a number"))
+        .collect();
+    assert!(
+        line.starts_with("agent: policy applied: generation ")
+            && line.contains(" endpoints, ")
+            && line.contains(" rules (+")
+            && line.contains(" entries), ")
+            && line.ends_with(" flows reset")
+            && nums.len() == 6,
+        "malformed policy line: {line:?}"
+    );
+    (
+        nums[0] as u32,
+        nums[1] as usize,
+        nums[2] as usize,
+        nums[3] as usize,
+        nums[4] as usize,
+        nums[5],
+    )
+}
+
+/// The `policy applied` line printed before `ready`.
+fn startup_policy_line(agent: &Agent) -> String {
+    let lines: Vec<&String> = agent
+        .seen
+        .iter()
+        .filter(|l| l.starts_with("agent: policy applied:"))
+        .collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "one `policy applied` line before `ready` expected: {:?}",
+        agent.seen
+    );
+    lines[0].clone()
+}
+
+/// Stops the agent with SIGTERM, expects exit 0; returns (stdout, stderr).
+fn stop(mut agent: Agent) -> (Vec<String>, String) {
+    agent.signal(Signal::SIGTERM);
+    let status = agent.wait_exit(EXIT_TIMEOUT);
+    let stderr = agent.stderr_text();
+    assert_eq!(status.code(), Some(0), "{status}; stderr: {stderr:?}");
+    (agent.stdout_lines(), stderr)
+}
+
+#[test]
+fn config_allows_the_listed_pair_and_sighup_applies_a_deny() {
+    let _serial = setup();
+    let w = PolicyWorld::new();
+    let port = w.db_addr.port();
+    w.write(&policy_config(port, "allow"));
+    let agent = w.agent(true, &["--policy-reset-netns", "/proc/self/ns/net"]);
+    let (gen, endpoints, rules, written, removed, reset) =
+        parse_applied(&startup_policy_line(&agent));
+    assert_eq!((endpoints, rules), (2, 1), "{:?}", agent.seen);
+    assert_eq!((written, removed, reset), (3, 0, 0), "{:?}", agent.seen);
+
+    // (a) frontend -> db:port passes byte-exact; world -> db is denied.
+    let (mut c, mut s) = w.assert_allowed("127.0.0.2", "allow policy");
+    w.assert_denied("127.0.0.4", "allow policy");
+    w.assert_denied("127.0.0.3", "allow policy (db -> db has no rule)");
+
+    // (b) The same pair denied: SIGHUP applies it, the established flow is
+    // reset, and the next connect gets EPERM.
+    let mut agent = agent;
+    w.write(&policy_config(port, "deny"));
+    agent.signal(Signal::SIGHUP);
+    let line = agent.wait_line("agent: policy applied:", Duration::from_secs(10));
+    let (gen2, endpoints, rules, written, removed, reset) = parse_applied(&line);
+    assert_eq!(gen2, gen + 1, "{line}");
+    assert_eq!((endpoints, rules), (2, 1), "{line}");
+    assert_eq!(
+        (written, removed),
+        (1, 0),
+        "only the rule's action changed: {line}"
+    );
+    assert_eq!(
+        reset, 2,
+        "both ends of the established flow are reset: {line}"
+    );
+    // The client sees an error, not the server's bytes.
+    let r = c.write_all(b"after").and_then(|()| {
+        let mut buf = [0u8; 16];
+        c.read(&mut buf)
+    });
+    assert!(
+        matches!(r, Err(_) | Ok(0)),
+        "a reset flow carried bytes: {r:?}"
+    );
+    let mut buf = [0u8; 16];
+    let r = s.read(&mut buf);
+    assert!(matches!(r, Err(_) | Ok(0)), "the server end: {r:?}");
+    w.assert_denied("127.0.0.2", "after SIGHUP to deny");
+    w.assert_denied("127.0.0.4", "after SIGHUP to deny");
+
+    // And back: allowed again.
+    w.write(&policy_config(port, "allow"));
+    agent.signal(Signal::SIGHUP);
+    let line = agent.wait_line("agent: policy applied:", Duration::from_secs(10));
+    assert_eq!(parse_applied(&line).0, gen + 2, "{line}");
+    w.assert_allowed("127.0.0.2", "after SIGHUP back to allow");
+
+    let (_, stderr) = stop(agent);
+    assert!(!stderr.contains("error"), "{stderr:?}");
+}
+
+#[test]
+fn sighup_with_an_invalid_config_keeps_the_old_policy() {
+    let _serial = setup();
+    let w = PolicyWorld::new();
+    let good = policy_config(w.db_addr.port(), "allow");
+    w.write(&good);
+    let mut agent = w.agent(true, &[]);
+    let (gen, ..) = parse_applied(&startup_policy_line(&agent));
+    // A flow established under the good policy must survive every
+    // rejected reload.
+    let (mut c0, mut s0) = w.assert_allowed("127.0.0.2", "good policy");
+
+    let variants = invalid_configs(&good);
+    let config = w.config.to_string_lossy().into_owned();
+    for (what, text, needles) in &variants {
+        write_config(&w.config, text);
+        agent.signal(Signal::SIGHUP);
+        let line = agent.wait_stderr_line(Duration::from_secs(10));
+        assert!(
+            line.starts_with(&format!("agent: error: config {config}: ")),
+            "{what}: the error should start with `agent: error: config {config}: `: {line}"
+        );
+        for needle in needles {
+            assert!(
+                line.contains(needle),
+                "{what}: the error should contain {needle:?}: {line}"
+            );
+        }
+        // Still running, and the old policy is enforced, unchanged.
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(agent.is_running(), "{what}: the agent exited");
+        w.assert_allowed("127.0.0.2", what);
+        w.assert_denied("127.0.0.4", what);
+        exchange(&mut c0, &mut s0);
+    }
+
+    // No rejected reload bumped the generation.
+    w.write(&good);
+    agent.signal(Signal::SIGHUP);
+    let line = agent.wait_line("agent: policy applied:", Duration::from_secs(10));
+    let (gen2, _, _, written, removed, reset) = parse_applied(&line);
+    assert_eq!(gen2, gen + 1, "{line}");
+    assert_eq!((written, removed, reset), (0, 0, 0), "{line}");
+
+    let (stdout, stderr) = stop(agent);
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| !l.starts_with("agent: warning:"))
+        .collect();
+    assert_eq!(
+        errors.len(),
+        variants.len(),
+        "one stderr line per rejected reload, nothing else: {errors:#?}"
+    );
+    let applied = stdout
+        .iter()
+        .filter(|l| l.starts_with("agent: policy applied:"))
+        .count();
+    assert_eq!(
+        applied, 2,
+        "only the startup and the last reload applied: {stdout:?}"
+    );
+}
+
+#[test]
+fn an_invalid_config_at_startup_is_exit_1_and_one_line_naming_the_field() {
+    let _serial = setup();
+    let cg = scoped_cgroup();
+    let dir = TempDir::new();
+    let path = dir.0.join("policy.json");
+    let args = [
+        "--cgroup".to_string(),
+        cg.path().to_string_lossy().into_owned(),
+        "--config".to_string(),
+        path.to_string_lossy().into_owned(),
+    ];
+    let config = path.to_string_lossy().into_owned();
+    for (what, text, needles) in invalid_configs(&policy_config(5432, "allow")) {
+        write_config(&path, &text);
+        let run = run_failing(&args);
+        let line = run.one_line_error();
+        assert!(
+            line.starts_with(&format!("agent: error: config {config}: ")),
+            "{what}: {line}"
+        );
+        for needle in needles {
+            assert!(
+                line.contains(needle),
+                "{what}: the error should contain {needle:?}: {line}"
+            );
+        }
+    }
+    // A missing file names it.
+    fs::remove_file(&path).expect("removing the config");
+    let run = run_failing(&args);
+    let line = run.one_line_error();
+    assert!(line.contains(&config), "{line}");
+    // So does a namespace that cannot be opened.
+    write_config(&path, &policy_config(5432, "allow").to_string());
+    let missing_ns = dir.0.join("no-such-netns");
+    let mut with_ns = args.to_vec();
+    with_ns.push("--policy-reset-netns".into());
+    with_ns.push(missing_ns.to_string_lossy().into_owned());
+    let run = run_failing(&with_ns);
+    let line = run.one_line_error();
+    assert!(
+        line.contains("--policy-reset-netns") && line.contains(&*missing_ns.to_string_lossy()),
+        "{line}"
+    );
+}
+
+#[test]
+fn without_config_everything_is_allowed_and_sighup_changes_nothing() {
+    let _serial = setup();
+    let w = PolicyWorld::new();
+    let mut agent = w.agent(false, &[]);
+    assert!(
+        !agent
+            .seen
+            .iter()
+            .any(|l| l.starts_with("agent: policy applied:")),
+        "no policy without --config: {:?}",
+        agent.seen
+    );
+    w.assert_allowed("127.0.0.4", "no policy");
+    w.assert_allowed("127.0.0.2", "no policy");
+    agent.signal(Signal::SIGHUP);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        agent.is_running(),
+        "SIGHUP without --config stopped the agent"
+    );
+    w.assert_allowed("127.0.0.4", "no policy, after SIGHUP");
+    let (_, stderr) = stop(agent);
+    assert!(!stderr.contains("error"), "{stderr:?}");
 }
