@@ -23,6 +23,7 @@
 
 #![allow(dead_code)]
 
+pub mod interrupt;
 pub mod proxy;
 pub mod rtt;
 pub mod setup;
@@ -264,12 +265,17 @@ impl World {
     /// proxies (and haproxy when installed). Needs root and two CPUs.
     pub fn new() -> Result<World> {
         require_root("this benchmark")?;
+        interrupt::install()?;
         let all_cpus = sys::allowed_cpus()?;
         let cpus = sys::two_cpus()?;
         let dp =
             Datapath::load(&DatapathOptions::default()).context("loading the meshpath datapath")?;
         let cgroup =
             ScopedCgroup::new("meshpath-bench").context("creating the benchmark cgroup")?;
+        interrupt::register_cgroup(
+            meshpath::cgroup::current_cgroup().context("finding this process's cgroup")?,
+            cgroup.path().to_path_buf(),
+        );
         let attachment = dp
             .attach_cgroup(cgroup.path())
             .with_context(|| format!("attaching to {}", cgroup.path().display()))?;

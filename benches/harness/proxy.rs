@@ -261,6 +261,7 @@ impl Haproxy {
             .stderr(log)
             .spawn()
             .with_context(|| format!("running {} -db -f {}", bin.display(), cfg_path.display()))?;
+        super::interrupt::register_child(child.id(), self.dir.clone());
         self.children.push(child);
         self.logs.push(log_path);
         Ok(())
@@ -320,6 +321,8 @@ impl Drop for Haproxy {
             let _ = c.kill();
             let _ = c.wait();
         }
+        let pids: Vec<u32> = self.children.iter().map(|c| c.id()).collect();
+        super::interrupt::forget_children(&pids);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
