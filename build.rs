@@ -90,7 +90,26 @@ fn run() -> Result<()> {
         ));
     }
     fs::write(out.join("skeletons.rs"), index)?;
+    compile_protos(&manifest)?;
     println!("cargo:rustc-env=MESHPATH_BPF_OBJ_DIR={}", out.display());
+    Ok(())
+}
+
+/// proto/*.proto -> $OUT_DIR/meshpath.flow.rs (prost).
+fn compile_protos(manifest: &std::path::Path) -> Result<()> {
+    let proto_dir = manifest.join("proto");
+    println!("cargo:rerun-if-changed={}", proto_dir.display());
+    println!("cargo:rerun-if-env-changed=PROTOC");
+    let protoc = env::var("PROTOC").unwrap_or_else(|_| "protoc".into());
+    if Command::new(&protoc).arg("--version").output().is_err() {
+        bail!(
+            "meshpath needs protoc to compile proto/flow.proto, and `{protoc}` was not found: \
+             install protobuf-compiler (Debian/Ubuntu: `sudo scripts/install-deps.sh`)"
+        );
+    }
+    prost_build::Config::new()
+        .compile_protos(&[proto_dir.join("flow.proto")], &[proto_dir])
+        .context("compiling proto/flow.proto")?;
     Ok(())
 }
 

@@ -14,6 +14,7 @@
  * (ARCHITECTURE.md, "Policy").
  */
 #include "lib/common.h"
+#include "lib/events.h"
 #include "lib/policy.h"
 #include "lib/sock.h"
 
@@ -39,17 +40,51 @@ MP_ALWAYS_INLINE bool mp_all_zero(const __u32 a[4])
 	return !(a[0] | a[1] | a[2] | a[3]);
 }
 
+/* Reports a connect/sendmsg verdict: allowed connects one by one, the
+ * rest aggregated (a flood of denied sends cannot fill the ring). */
+MP_ALWAYS_INLINE void mp_connect_event(struct bpf_sock_addr *ctx, __u32 point,
+				       const __u32 src[4], const __u32 dst[4],
+				       __u8 proto, __u16 sport, __u16 dport,
+				       const struct mp_judgement *j)
+{
+	struct mp_flow_event ev = {};
+
+	__builtin_memcpy(ev.saddr, src, sizeof(ev.saddr));
+	__builtin_memcpy(ev.daddr, dst, sizeof(ev.daddr));
+	ev.sport = sport;
+	ev.dport = dport;
+	ev.proto = proto;
+	ev.ipv6 =
+	    !(dst[0] == 0 && dst[1] == 0 && dst[2] == bpf_htonl(0x0000ffff));
+	ev.type = MP_EV_POLICY;
+	ev.point = point;
+	ev.verdict = j->verdict;
+	ev.src_identity = j->src_id;
+	ev.dst_identity = j->dst_id;
+	ev.rule = j->rule;
+	ev.matched = j->matched;
+	ev.is_reply = j->is_reply;
+	ev.direction = MP_TRAFFIC_EGRESS;
+	ev.cookie = bpf_get_socket_cookie(ctx);
+	ev.cgroup_id = bpf_get_current_cgroup_id();
+	ev.count = 1;
+	if (point == MP_POINT_CONNECT && j->verdict == MP_V_ALLOW)
+		mp_event_emit(&ev);
+	else
+		mp_event_aggregate(&ev);
+}
+
 /*
  * Judges src:sport -> dst:dport; returns the hook's answer (1 pass, 0
  * EPERM).  TCP connects start flows.  A UDP send may also be a reply in
  * an allowed flow (a server answering with sendto), judged as packets
- * are (mp_policy_packet).
+ * are (mp_policy_packet_j).
  */
-MP_ALWAYS_INLINE int mp_judge(__u64 word, __u32 point, __u32 src[4],
-			      const __u32 dst[4], __u8 proto, __u16 sport,
-			      __u16 dport)
+MP_ALWAYS_INLINE int mp_judge(struct bpf_sock_addr *ctx, __u64 word,
+			      __u32 point, __u32 src[4], const __u32 dst[4],
+			      __u8 proto, __u16 sport, __u16 dport)
 {
-	__u32 verdict;
+	struct mp_judgement j;
 
 	if (mp_all_zero(src)) {
 		/* Unbound: for loopback the kernel will pick the loopback
@@ -63,12 +98,16 @@ MP_ALWAYS_INLINE int mp_judge(__u64 word, __u32 point, __u32 src[4],
 		else
 			src[3] = bpf_htonl(1);
 	}
-	if (proto == MP_PROTO_UDP && sport)
-		verdict = mp_policy_packet(word, point, src, dst, proto, sport,
-					   dport, false);
-	else
-		verdict = mp_policy_flow(word, point, src, dst, proto, dport);
-	return mp_verdict_passes(verdict) ? 1 : 0;
+	if (proto == MP_PROTO_UDP && sport) {
+		mp_policy_packet_j(word, point, src, dst, proto, sport, dport,
+				   false, &j);
+	} else {
+		mp_policy_judge_j(word, src, dst, proto, dport, &j);
+		mp_verdict_count(point, j.verdict);
+	}
+	if (mp_events_on())
+		mp_connect_event(ctx, point, src, dst, proto, sport, dport, &j);
+	return mp_verdict_passes(j.verdict) ? 1 : 0;
 }
 
 MP_ALWAYS_INLINE __u16 mp_local_port(struct bpf_sock_addr *ctx)
@@ -91,7 +130,7 @@ MP_ALWAYS_INLINE int mp_addr4(struct bpf_sock_addr *ctx, __u32 point,
 	else
 		src[0] = src[1] = src[2] = src[3] = 0;
 	mp_v4_mapped(dst, ctx->user_ip4);
-	return mp_judge(word, point, src, dst, mp_sock_proto(ctx),
+	return mp_judge(ctx, word, point, src, dst, mp_sock_proto(ctx),
 			mp_local_port(ctx), bpf_ntohs(ctx->user_port));
 }
 
@@ -111,7 +150,7 @@ MP_ALWAYS_INLINE int mp_addr6(struct bpf_sock_addr *ctx, __u32 point,
 	dst[1] = ctx->user_ip6[1];
 	dst[2] = ctx->user_ip6[2];
 	dst[3] = ctx->user_ip6[3];
-	return mp_judge(word, point, src, dst, mp_sock_proto(ctx),
+	return mp_judge(ctx, word, point, src, dst, mp_sock_proto(ctx),
 			mp_local_port(ctx), bpf_ntohs(ctx->user_port));
 }
 

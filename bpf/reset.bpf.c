@@ -8,6 +8,7 @@
  * Datapath::reset_denied_flows after a policy change.
  */
 #include "lib/common.h"
+#include "lib/events.h"
 #include "lib/policy.h"
 #include "lib/sock.h"
 #include "lib/stats.h"
@@ -62,7 +63,41 @@ int meshpath_reset(struct bpf_iter__tcp *ctx)
 	st->policy_gen = mp_policy_gen(word);
 	if (mp_verdict_passes(verdict))
 		return 0;
-	if (bpf_sock_destroy(skc) == 0)
-		mp_count(MP_C_POLICY_RESET);
+	if (bpf_sock_destroy(skc) != 0)
+		return 0;
+	mp_count(MP_C_POLICY_RESET);
+	if (mp_events_on()) {
+		struct mp_flow_event ev = {};
+		struct mp_judgement j;
+
+		/* Described from the connecting end. */
+		if (st->client) {
+			__builtin_memcpy(ev.saddr, key.local_ip, 16);
+			__builtin_memcpy(ev.daddr, key.remote_ip, 16);
+			ev.sport = key.local_port;
+			ev.dport = key.remote_port;
+		} else {
+			__builtin_memcpy(ev.saddr, key.remote_ip, 16);
+			__builtin_memcpy(ev.daddr, key.local_ip, 16);
+			ev.sport = key.remote_port;
+			ev.dport = key.local_port;
+		}
+		mp_policy_judge_j(word, ev.saddr, ev.daddr, MP_PROTO_TCP,
+				  ev.dport, &j);
+		ev.src_identity = j.src_id;
+		ev.dst_identity = j.dst_id;
+		ev.rule = j.rule;
+		ev.matched = j.matched;
+		ev.verdict = verdict;
+		ev.type = MP_EV_RESET;
+		ev.point = MP_POINT_SHORTCIRCUIT;
+		ev.proto = MP_PROTO_TCP;
+		ev.ipv6 = sk->__sk_common.skc_family == AF_INET6 &&
+			  !(key.remote_ip[2] == bpf_htonl(0x0000ffff) &&
+			    key.remote_ip[0] == 0 && key.remote_ip[1] == 0);
+		ev.cookie = st->cookie;
+		ev.count = 1;
+		mp_event_emit(&ev);
+	}
 	return 0;
 }

@@ -160,6 +160,11 @@ int meshpath_sk_msg(struct sk_msg_md *msg)
 	}
 	st->msgs_redir++;
 	st->bytes_redir += size;
+	/* The peer's received counts, for the connection's close event. */
+	if (cfg->events) {
+		__sync_fetch_and_add(&entry->rx_msgs, 1);
+		__sync_fetch_and_add(&entry->rx_bytes, size);
+	}
 	mp_count(MP_C_MSG_REDIRECT);
 	mp_count_add(MP_C_BYTES_REDIRECT, size);
 	return SK_PASS;

@@ -12,16 +12,48 @@
  * their next packet.  Data starts at the network header here.
  */
 #include "lib/common.h"
+#include "lib/events.h"
 #include "lib/parse.h"
 #include "lib/policy.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+/* Reports a packet verdict other than allow (aggregated). */
+MP_ALWAYS_INLINE void mp_skb_event(struct __sk_buff *skb, __u32 point,
+				   const struct mp_pkt *p,
+				   const struct mp_judgement *j)
+{
+	struct mp_flow_event ev = {};
+
+	__builtin_memcpy(ev.saddr, p->saddr, sizeof(ev.saddr));
+	__builtin_memcpy(ev.daddr, p->daddr, sizeof(ev.daddr));
+	ev.sport = p->sport;
+	ev.dport = p->dport;
+	ev.proto = p->proto;
+	ev.tcp_flags = p->tcp_flags;
+	ev.ipv6 = p->ipv6;
+	ev.type = MP_EV_PACKET;
+	ev.point = point;
+	ev.verdict = j->verdict;
+	ev.src_identity = j->src_id;
+	ev.dst_identity = j->dst_id;
+	ev.rule = j->rule;
+	ev.matched = j->matched;
+	ev.is_reply = j->is_reply;
+	ev.direction =
+	    point == MP_POINT_INGRESS ? MP_TRAFFIC_INGRESS : MP_TRAFFIC_EGRESS;
+	ev.ifindex = skb->ifindex;
+	ev.cookie = bpf_get_socket_cookie(skb);
+	ev.cgroup_id = bpf_skb_cgroup_id(skb);
+	mp_event_aggregate(&ev);
+}
 
 MP_ALWAYS_INLINE int mp_skb_judge(struct __sk_buff *skb, __u32 point)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	__u64 word = mp_policy_word();
+	struct mp_judgement j;
 	struct mp_pkt p = {};
 	__u32 verdict;
 	bool syn_only;
@@ -41,12 +73,24 @@ MP_ALWAYS_INLINE int mp_skb_judge(struct __sk_buff *skb, __u32 point)
 		return 1;
 	default:
 		mp_verdict_count(point, MP_V_MALFORMED);
+		if (mp_events_on()) {
+			j.verdict = MP_V_MALFORMED;
+			j.src_id = j.dst_id = j.rule = 0;
+			j.matched = j.is_reply = 0;
+			mp_skb_event(skb, point, &p, &j);
+		}
 		return 0;
 	}
 	syn_only = p.proto == MP_PROTO_TCP &&
 		   (p.tcp_flags & (MP_TCP_SYN | MP_TCP_ACK)) == MP_TCP_SYN;
-	verdict = mp_policy_packet(word, point, p.saddr, p.daddr, p.proto,
-				   p.sport, p.dport, syn_only);
+	mp_policy_packet_j(word, point, p.saddr, p.daddr, p.proto, p.sport,
+			   p.dport, syn_only, &j);
+	verdict = j.verdict;
+	/* Drops are always reported (aggregated).  An audited TCP flow is
+	 * reported by the packet that starts it, not by every segment. */
+	if (verdict != MP_V_ALLOW && mp_events_on() &&
+	    !(verdict == MP_V_AUDIT && p.proto == MP_PROTO_TCP && !syn_only))
+		mp_skb_event(skb, point, &p, &j);
 	return mp_verdict_passes(verdict) ? 1 : 0;
 }
 

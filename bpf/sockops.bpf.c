@@ -21,6 +21,7 @@
  * redirected connection never does, so they cost nothing until then.
  */
 #include "lib/common.h"
+#include "lib/events.h"
 #include "lib/policy.h"
 #include "lib/psock.h"
 #include "lib/settings.h"
@@ -30,6 +31,69 @@
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 MP_DEFINE_KEY_FROM_CTX(mp_key_from_sockops, struct bpf_sock_ops)
+
+/* The id of the cgroup a socket belongs to (kernfs node id). */
+MP_ALWAYS_INLINE __u64 mp_sk_cgroup_id(struct bpf_sock *sk)
+{
+	struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
+
+	if (!tp)
+		return 0;
+	return BPF_CORE_READ(tp, inet_conn.icsk_inet.sk.sk_cgrp_data.cgroup, kn,
+			     id);
+}
+
+/*
+ * Reports the short-circuit of the connection of the socket keyed `key`
+ * (`client`: this end connected): opening (both ends enrolled) or closing
+ * with the bytes and messages each way.  Always described from the
+ * connecting end to the accepting end.
+ */
+MP_ALWAYS_INLINE void mp_sc_event(struct bpf_sock_ops *skops, __u8 type,
+				  const struct mp_sock_key *key, bool client,
+				  const struct mp_sock_state *st,
+				  const struct mp_sock_entry *self)
+{
+	struct mp_flow_event ev = {};
+	__u64 word = mp_policy_word();
+	struct bpf_sock *sk = skops->sk;
+
+	if (client) {
+		__builtin_memcpy(ev.saddr, key->local_ip, sizeof(ev.saddr));
+		__builtin_memcpy(ev.daddr, key->remote_ip, sizeof(ev.daddr));
+		ev.sport = key->local_port;
+		ev.dport = key->remote_port;
+	} else {
+		__builtin_memcpy(ev.saddr, key->remote_ip, sizeof(ev.saddr));
+		__builtin_memcpy(ev.daddr, key->local_ip, sizeof(ev.daddr));
+		ev.sport = key->remote_port;
+		ev.dport = key->local_port;
+	}
+	ev.ipv6 = !(ev.daddr[0] == 0 && ev.daddr[1] == 0 &&
+		    ev.daddr[2] == bpf_htonl(0x0000ffff));
+	ev.proto = MP_PROTO_TCP;
+	ev.type = type;
+	ev.point = MP_POINT_SHORTCIRCUIT;
+	ev.verdict = st->verdict;
+	if (mp_policy_on(word)) {
+		ev.src_identity = mp_identity_of(word, ev.saddr);
+		ev.dst_identity = mp_identity_of(word, ev.daddr);
+	}
+	ev.direction = MP_TRAFFIC_EGRESS;
+	ev.cookie = st->cookie;
+	if (sk)
+		ev.cgroup_id = mp_sk_cgroup_id(sk);
+	ev.count = 1;
+	if (type == MP_EV_SC_CLOSE && client) {
+		ev.tx_msgs = st->msgs_redir;
+		ev.tx_bytes = st->bytes_redir;
+		if (self) {
+			ev.rx_msgs = self->rx_msgs;
+			ev.rx_bytes = self->rx_bytes;
+		}
+	}
+	mp_event_emit(&ev);
+}
 
 /* Callbacks that fire only when TCP segments flow on the socket. */
 #define MP_EVICT_CB_FLAGS                                                      \
@@ -163,6 +227,10 @@ MP_ALWAYS_INLINE void mp_established(struct bpf_sock_ops *skops, bool active,
 					     BPF_SOCK_OPS_STATE_CB_FLAG |
 					     MP_EVICT_CB_FLAGS);
 	mp_count(MP_C_SOCK_ENROLLED);
+	/* The accepting end enrolls last: the connection is short-circuited
+	 * from now on. */
+	if (!active && cfg->events)
+		mp_sc_event(skops, MP_EV_SC_OPEN, &key, false, st, NULL);
 }
 
 /*
@@ -240,6 +308,8 @@ MP_ALWAYS_INLINE void mp_maybe_evict(struct bpf_sock_ops *skops)
 	}
 	bpf_map_delete_elem(&meshpath_sockets, &key);
 	st->evicted = 1;
+	if (st->client && mp_events_on())
+		mp_sc_event(skops, MP_EV_SC_CLOSE, &key, true, st, self);
 	/* Our entry only serves the peer's own decision to leave; once the
 	 * peer is gone or has left too, neither entry is needed. */
 	if (!pe || (pe->flags & MP_SOCK_F_EVICTED)) {
@@ -266,6 +336,11 @@ MP_ALWAYS_INLINE void mp_forget(struct bpf_sock_ops *skops)
 		return;
 	st->enrolled = 0;
 	if (mp_key_from_sockops(skops, &key)) {
+		/* An evicted connection reported its close when it left. */
+		if (st->client && !st->evicted && mp_events_on())
+			mp_sc_event(
+			    skops, MP_EV_SC_CLOSE, &key, true, st,
+			    bpf_map_lookup_elem(&meshpath_sock_index, &key));
 		bpf_map_delete_elem(&meshpath_sock_index, &key);
 		/* An evicted peer's entry was kept for our decision only. */
 		mp_peer_key(&key, &peer);

@@ -3,7 +3,7 @@
 # Idempotent: packages already present are left alone.
 set -euo pipefail
 
-pkgs=(clang llvm clang-format libelf-dev zlib1g-dev pkg-config bpftool iproute2 make)
+pkgs=(clang llvm clang-format libelf-dev zlib1g-dev pkg-config bpftool iproute2 make protobuf-compiler libprotobuf-dev)
 # Tools for looking inside the kernel (perf, bpftrace); not needed to build or test.
 if [ "${MESHPATH_DEBUG_TOOLS:-0}" = 1 ]; then
   pkgs+=(linux-perf bpftrace)

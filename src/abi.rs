@@ -12,7 +12,8 @@ use crate::skel::sockops::types;
 
 pub use types::{
     mp_abi as Abi, mp_action as Action, mp_bypass_flags as BypassFlags, mp_counter as CounterId,
-    mp_dir_mode as DirMode, mp_endpoint as EndpointValue, mp_identity_limits as IdentityLimits,
+    mp_dir_mode as DirMode, mp_endpoint as EndpointValue, mp_event_type as EventType,
+    mp_flow_event as FlowEvent, mp_traffic_direction as TrafficDirection, mp_identity_limits as IdentityLimits,
     mp_identity_name as IdentityName, mp_identity_reserved as IdentityReserved,
     mp_lpm_key as LpmKey, mp_point as PointId, mp_policy_key as PolicyKey,
     mp_policy_value as PolicyValue, mp_policy_word as PolicyWord, mp_proto as Proto,
@@ -45,6 +46,8 @@ unsafe impl plain::Plain for PolicyValue {}
 unsafe impl plain::Plain for EndpointValue {}
 // SAFETY: see above.
 unsafe impl plain::Plain for IdentityName {}
+// SAFETY: see above.
+unsafe impl plain::Plain for FlowEvent {}
 
 /// Packs the policy word (see `enum mp_policy_word` in abi.h).
 pub(crate) fn policy_word(gen: u32, on: bool, default_action: u8, epoch: u32) -> u64 {

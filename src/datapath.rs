@@ -34,6 +34,8 @@ pub(crate) const KNOWN_MAPS: &[&str] = &[
     "meshpath_policy_shapes",
     "meshpath_identities",
     "meshpath_verdicts",
+    "meshpath_events",
+    "meshpath_event_agg",
 ];
 
 /// How to load the datapath.
@@ -65,6 +67,15 @@ pub struct DatapathOptions {
     /// Capacity of the policy maps (one entry per rule and port).
     /// Default 16,384.
     pub max_policies: u32,
+    /// Report flow events from the start (default false: reading them
+    /// with `Datapath::flows` turns them on).
+    pub flow_events: bool,
+    /// Per-packet events (drops, audits) are aggregated: at most one per
+    /// flow key and verdict per interval, with a count. Default 1 s.
+    pub event_interval: std::time::Duration,
+    /// Size of the flow event ring buffer in bytes (a power of two, at
+    /// least a page). Default 4 MiB (32,768 events).
+    pub event_ring_bytes: u32,
 }
 
 impl Default for DatapathOptions {
@@ -78,11 +89,32 @@ impl Default for DatapathOptions {
             busy_poll_detect: true,
             max_endpoints: 16_384,
             max_policies: 16_384,
+            flow_events: false,
+            event_interval: std::time::Duration::from_secs(1),
+            event_ring_bytes: 4 << 20,
         }
     }
 }
 
 impl DatapathOptions {
+    /// Sets the flow event ring buffer size (bytes, a power of two).
+    pub fn event_ring_bytes(mut self, n: u32) -> Self {
+        self.event_ring_bytes = n;
+        self
+    }
+
+    /// Sets the aggregation interval of per-packet flow events.
+    pub fn event_interval(mut self, d: std::time::Duration) -> Self {
+        self.event_interval = d;
+        self
+    }
+
+    /// Reports flow events from the start.
+    pub fn flow_events(mut self, on: bool) -> Self {
+        self.flow_events = on;
+        self
+    }
+
     /// Sets the endpoint map capacity.
     pub fn max_endpoints(mut self, n: u32) -> Self {
         self.max_endpoints = n;
@@ -126,6 +158,13 @@ impl DatapathOptions {
     }
 
     fn validate(&self) -> Result<()> {
+        let ring = self.event_ring_bytes;
+        if ring < 4096 || !ring.is_power_of_two() || ring > 1 << 30 {
+            return Err(Error::invalid(
+                "event_ring_bytes",
+                format!("{ring} must be a power of two between 4096 and 1 GiB"),
+            ));
+        }
         for (field, v) in [
             ("max_sockets", self.max_sockets),
             ("max_endpoints", self.max_endpoints),
@@ -148,6 +187,7 @@ impl DatapathOptions {
                 Some(self.max_endpoints)
             }
             "meshpath_policy_0" | "meshpath_policy_1" => Some(self.max_policies),
+            "meshpath_events" => Some(self.event_ring_bytes),
             _ => None,
         }
     }
@@ -190,6 +230,8 @@ pub(crate) struct Inner {
     pub(crate) settings_lock: std::sync::Mutex<()>,
     /// The desired policy state and its compiled form (policy.rs).
     pub(crate) policy: std::sync::Mutex<crate::policy::PolicySlot>,
+    /// Whether a flow reader is open (the ring buffer has one consumer).
+    pub(crate) flow_reader: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -272,6 +314,9 @@ impl Datapath {
                 optout_rcvlowat: u8::from(opts.rcvlowat_optout),
                 busy_detect: u8::from(opts.busy_poll_detect),
                 policy: adopted_policy,
+                events: u8::from(opts.flow_events),
+                event_interval_ms: opts.event_interval.as_millis().min(u128::from(u32::MAX)) as u32,
+                ..Default::default()
             },
         )?;
 
@@ -302,6 +347,7 @@ impl Datapath {
             attached: Default::default(),
             settings_lock: Default::default(),
             policy: Default::default(),
+            flow_reader: Default::default(),
         };
         if opts.probe_quirks {
             inner.quirks = probe::probe_readiness(&inner.maps)?;

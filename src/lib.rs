@@ -26,6 +26,7 @@ pub mod abi;
 mod attach;
 pub mod bpffs;
 pub mod cgroup;
+pub mod events;
 mod datapath;
 mod error;
 mod maps;
@@ -39,6 +40,9 @@ mod sys;
 pub use attach::CgroupAttachment;
 pub use datapath::{AttachOptions, Datapath, DatapathOptions, PortSide};
 pub use error::{Error, Result};
+#[cfg(feature = "tokio")]
+pub use events::FlowStream;
+pub use events::{Flow, FlowKind, FlowReader, ShortCircuitTraffic, TrafficDirection};
 pub use maps::sockets::{Direction, SocketEntry, SocketState, TcpReason};
 pub use net::IpNet;
 pub use probe::{netns_cookie, KernelQuirks};

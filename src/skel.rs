@@ -144,9 +144,9 @@ fn quiet_print(level: PrintLevel, msg: String) {
 }
 
 fn load_error(object: &'static str, source: libbpf_rs::Error) -> Error {
-    if crate::error::errno_of(&source) == Some(libc::EPERM)
-        && std::env::var_os("MESHPATH_RAW_ERR").is_none()
-    {
+    // libbpf-rs reports EPERM and EACCES (the verifier's "no") alike; only
+    // a non-root caller is refused for lack of privileges.
+    if crate::error::errno_of(&source) == Some(libc::EPERM) && !nix::unistd::geteuid().is_root() {
         return Error::NotPermitted {
             action: "load BPF programs",
             source: std::io::Error::from_raw_os_error(libc::EPERM),

@@ -57,6 +57,10 @@ pub struct Counters {
     pub sockets_evicted: u64,
     /// Established flows reset because policy came to deny them.
     pub policy_resets: u64,
+    /// Flow events the ring buffer had no room for (the reader was slow).
+    pub events_lost: u64,
+    /// Packets folded into an earlier flow event (aggregation).
+    pub events_aggregated: u64,
 }
 
 impl Counters {
@@ -94,6 +98,8 @@ impl Counters {
             ("fallback_peer_tcp", self.fallback_peer_tcp),
             ("sockets_evicted", self.sockets_evicted),
             ("policy_resets", self.policy_resets),
+            ("events_lost", self.events_lost),
+            ("events_aggregated", self.events_aggregated),
         ]
         .into_iter()
     }
@@ -373,6 +379,8 @@ pub(crate) fn read(maps: &MapSet) -> Result<Counters> {
         fallback_peer_tcp: get(CounterId::MP_C_FALLBACK_PEER_TCP)?,
         sockets_evicted: get(CounterId::MP_C_SOCK_EVICTED)?,
         policy_resets: get(CounterId::MP_C_POLICY_RESET)?,
+        events_lost: get(CounterId::MP_C_EVENTS_LOST)?,
+        events_aggregated: get(CounterId::MP_C_EVENTS_AGGREGATED)?,
     })
 }
 

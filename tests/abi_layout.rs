@@ -58,7 +58,7 @@ fn layout(btf: &Btf<'_>, name: &str) -> Option<(usize, Vec<Member>)> {
 macro_rules! rust_layout {
     ($t:ty, [$($f:ident),* $(,)?]) => {{
         let mut m = BTreeMap::new();
-        $( m.insert(stringify!($f).to_string(), offset_of!($t, $f)); )*
+        $( m.insert(stringify!($f).trim_start_matches("r#").to_string(), offset_of!($t, $f)); )*
         (size_of::<$t>(), m)
     }};
 }
@@ -122,7 +122,7 @@ fn sock_key_layout() {
 fn sock_entry_layout() {
     check(
         "mp_sock_entry",
-        rust_layout!(SockEntry, [cookie, kaddr, flags, pad]),
+        rust_layout!(SockEntry, [cookie, kaddr, flags, pad, rx_msgs, rx_bytes]),
     );
 }
 
@@ -165,7 +165,11 @@ fn settings_layout() {
                 shortcircuit,
                 optout_rcvlowat,
                 busy_detect,
-                policy
+                policy,
+                events,
+                pad0,
+                pad1,
+                event_interval_ms
             ]
         ),
     );
@@ -208,6 +212,44 @@ fn identity_name_layout() {
     check(
         "mp_identity_name",
         rust_layout!(meshpath::abi::IdentityName, [len, name]),
+    );
+}
+
+#[test]
+fn flow_event_layout() {
+    check(
+        "mp_flow_event",
+        rust_layout!(
+            meshpath::abi::FlowEvent,
+            [
+                time_ns,
+                cookie,
+                cgroup_id,
+                saddr,
+                daddr,
+                sport,
+                dport,
+                src_identity,
+                dst_identity,
+                ifindex,
+                count,
+                rule,
+                tx_msgs,
+                tx_bytes,
+                rx_msgs,
+                rx_bytes,
+                r#type,
+                verdict,
+                point,
+                proto,
+                tcp_flags,
+                ipv6,
+                direction,
+                is_reply,
+                matched,
+                pad0
+            ]
+        ),
     );
 }
 

@@ -195,19 +195,50 @@ MP_ALWAYS_INLINE bool mp_verdict_passes(__u32 verdict)
 	return verdict == MP_V_ALLOW || verdict == MP_V_AUDIT;
 }
 
-/* The verdict for a flow from src to dst (16-byte addresses) on
- * proto/dport, uncounted; MP_V_ALLOW with policy off. */
+/* A judgement with what flow events report about it. */
+struct mp_judgement {
+	__u32 src_id;
+	__u32 dst_id;
+	__u32 rule;    /* the deciding rule, if matched */
+	__u8 verdict;  /* enum mp_verdict */
+	__u8 matched;  /* a rule decided (not the default action) */
+	__u8 is_reply; /* passed as a reply in an allowed flow */
+	__u8 pad;
+};
+
+/* Judges a flow from src to dst (16-byte addresses) on proto/dport,
+ * uncounted; MP_V_ALLOW with policy off. */
+MP_ALWAYS_INLINE void mp_policy_judge_j(__u64 word, const __u32 saddr[4],
+					const __u32 daddr[4], __u8 proto,
+					__u16 dport, struct mp_judgement *j)
+{
+	struct mp_decision d;
+
+	j->is_reply = 0;
+	if (!mp_policy_on(word)) {
+		j->verdict = MP_V_ALLOW;
+		j->matched = 0;
+		j->rule = 0;
+		j->src_id = j->dst_id = MP_ID_ANY;
+		return;
+	}
+	j->src_id = mp_identity_of(word, saddr);
+	j->dst_id = mp_identity_of(word, daddr);
+	d = mp_policy_decide(word, j->src_id, j->dst_id, proto, dport);
+	j->verdict = mp_verdict_of(d.action);
+	j->matched = d.matched;
+	j->rule = d.rule;
+}
+
+/* The verdict alone of mp_policy_judge_j. */
 MP_ALWAYS_INLINE __u32 mp_policy_judge(__u64 word, const __u32 saddr[4],
 				       const __u32 daddr[4], __u8 proto,
 				       __u16 dport)
 {
-	struct mp_decision d;
+	struct mp_judgement j;
 
-	if (!mp_policy_on(word))
-		return MP_V_ALLOW;
-	d = mp_policy_decide(word, mp_identity_of(word, saddr),
-			     mp_identity_of(word, daddr), proto, dport);
-	return mp_verdict_of(d.action);
+	mp_policy_judge_j(word, saddr, daddr, proto, dport, &j);
+	return j.verdict;
 }
 
 /* mp_policy_judge, counted at `point` (nothing is counted with policy
@@ -225,34 +256,48 @@ MP_ALWAYS_INLINE __u32 mp_policy_flow(__u64 word, __u32 point,
 }
 
 /*
- * The verdict for one packet from saddr:sport to daddr:dport, without
- * connection tracking: it passes when the flow it starts is allowed
- * (saddr -> daddr:dport), or when it can be a reply in a flow that is
- * (daddr -> saddr:sport).  A TCP SYN without ACK only starts flows.  ICMP
- * has no ports (0): an echo reply passes when the echo request would.
+ * Judges one packet from saddr:sport to daddr:dport, without connection
+ * tracking: it passes when the flow it starts is allowed (saddr ->
+ * daddr:dport), or when it can be a reply in a flow that is (daddr ->
+ * saddr:sport).  A TCP SYN without ACK only starts flows.  ICMP has no
+ * ports (0): an echo reply passes when the echo request would.  Counted
+ * at `point`.
  */
+MP_ALWAYS_INLINE void
+mp_policy_packet_j(__u64 word, __u32 point, const __u32 saddr[4],
+		   const __u32 daddr[4], __u8 proto, __u16 sport, __u16 dport,
+		   bool starts_only, struct mp_judgement *j)
+{
+	struct mp_decision rev;
+
+	mp_policy_judge_j(word, saddr, daddr, proto, dport, j);
+	if (!mp_policy_on(word))
+		return;
+	if (!mp_verdict_passes(j->verdict) && !starts_only) {
+		rev =
+		    mp_policy_decide(word, j->dst_id, j->src_id, proto, sport);
+		if (mp_verdict_passes(mp_verdict_of(rev.action))) {
+			j->verdict = mp_verdict_of(rev.action);
+			j->matched = rev.matched;
+			j->rule = rev.rule;
+			j->is_reply = 1;
+		}
+	}
+	mp_verdict_count(point, j->verdict);
+}
+
+/* The verdict alone of mp_policy_packet_j. */
 MP_ALWAYS_INLINE __u32 mp_policy_packet(__u64 word, __u32 point,
 					const __u32 saddr[4],
 					const __u32 daddr[4], __u8 proto,
 					__u16 sport, __u16 dport,
 					bool starts_only)
 {
-	struct mp_decision fwd, rev;
-	__u32 sid, did, verdict;
+	struct mp_judgement j;
 
-	if (!mp_policy_on(word))
-		return MP_V_ALLOW;
-	sid = mp_identity_of(word, saddr);
-	did = mp_identity_of(word, daddr);
-	fwd = mp_policy_decide(word, sid, did, proto, dport);
-	verdict = mp_verdict_of(fwd.action);
-	if (!mp_verdict_passes(verdict) && !starts_only) {
-		rev = mp_policy_decide(word, did, sid, proto, sport);
-		if (mp_verdict_passes(mp_verdict_of(rev.action)))
-			verdict = mp_verdict_of(rev.action);
-	}
-	mp_verdict_count(point, verdict);
-	return verdict;
+	mp_policy_packet_j(word, point, saddr, daddr, proto, sport, dport,
+			   starts_only, &j);
+	return j.verdict;
 }
 
 /*

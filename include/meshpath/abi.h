@@ -108,6 +108,10 @@ struct mp_sock_entry {
 	__u64 kaddr;
 	__u32 flags; /* MP_SOCK_F_* */
 	__u32 pad;
+	/* Messages and bytes the peer redirected into this socket (added by
+	 * the peer's sk_msg), for the short-circuit's close event. */
+	__u64 rx_msgs;
+	__u64 rx_bytes;
 };
 
 /* Bits of mp_sock_entry.flags: what a socket asks of its peers. */
@@ -158,6 +162,8 @@ enum mp_counter {
 	MP_C_FALLBACK_PEER_TCP,	   /* ... because the peer went TCP */
 	MP_C_SOCK_EVICTED, /* sockets that left the map, both ways TCP */
 	MP_C_POLICY_RESET, /* established flows reset: policy now denies */
+	MP_C_EVENTS_LOST,  /* flow events the ring buffer had no room for */
+	MP_C_EVENTS_AGGREGATED, /* packets folded into an earlier event */
 	MP_C_MAX,
 };
 
@@ -172,6 +178,11 @@ struct mp_settings {
 	__u8 optout_rcvlowat; /* 1: SO_RCVLOWAT > 1 keeps a socket on TCP */
 	__u8 busy_detect;     /* 1: a peer whose lock is held gets TCP */
 	__u64 policy;	      /* the policy word, see enum mp_policy_word */
+	__u8 events;	      /* 1: report flow events (meshpath_events) */
+	__u8 pad0;
+	__u16 pad1;
+	__u32 event_interval_ms; /* packet events: at most one per flow key
+				    and verdict per interval, with a count */
 };
 
 /*
@@ -295,6 +306,53 @@ enum mp_verdict {
 	MP_V_MAX,
 };
 
+/* ---------------------------------------------------------------------
+ * Flow events: meshpath_events is a RINGBUF of struct mp_flow_event.
+ * ------------------------------------------------------------------- */
+enum mp_event_type {
+	MP_EV_POLICY = 1,   /* a connect/sendmsg verdict (every one) */
+	MP_EV_PACKET = 2,   /* packets dropped, audited or needing auth at
+			       ingress/egress/XDP, aggregated: `count` */
+	MP_EV_SC_OPEN = 3,  /* a connection entered the short-circuit */
+	MP_EV_SC_CLOSE = 4, /* it left (closed or evicted): byte counts */
+	MP_EV_RESET = 5,    /* an established flow reset: policy denies it */
+};
+
+enum mp_traffic_direction {
+	MP_TRAFFIC_UNKNOWN = 0,
+	MP_TRAFFIC_INGRESS = 1,
+	MP_TRAFFIC_EGRESS = 2,
+};
+
+struct mp_flow_event {
+	__u64 time_ns;	 /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+	__u64 cookie;	 /* socket cookie, 0 for packet events */
+	__u64 cgroup_id; /* cgroup of the socket or process, 0 if none */
+	__u32 saddr[4];	 /* v4-mapped for IPv4, network order */
+	__u32 daddr[4];
+	__u16 sport; /* host order, 0 when the protocol has none */
+	__u16 dport;
+	__u32 src_identity;
+	__u32 dst_identity;
+	__u32 ifindex; /* XDP and cgroup_skb: the device, else 0 */
+	__u32 count;   /* packets this event stands for (>= 1) */
+	__u32 rule;    /* number of the deciding rule, if `matched` */
+	__u64 tx_msgs; /* short-circuit: sent by the connecting end */
+	__u64 tx_bytes;
+	__u64 rx_msgs; /* ... and by the accepting end */
+	__u64 rx_bytes;
+	__u8 type;	/* enum mp_event_type */
+	__u8 verdict;	/* enum mp_verdict */
+	__u8 point;	/* enum mp_point */
+	__u8 proto;	/* enum mp_proto, or the IANA number */
+	__u8 tcp_flags; /* of the (first) packet, TCP only */
+	__u8 ipv6;	/* 1: IPv6 addresses */
+	__u8 direction; /* enum mp_traffic_direction */
+	__u8 is_reply;	/* 1: judged as a reply in an allowed flow */
+	__u8 matched;	/* 1: a rule decided, 0: the default action */
+	__u8 pad0[7];
+};
+
 /*
  * Puts the enums above into every object's BTF (through a read-only
  * global, see bpf/lib/common.h), so that libbpf-cargo generates their Rust
@@ -310,6 +368,9 @@ struct mp_abi_anchor {
 	enum mp_shape_bits shape_bits;
 	enum mp_point point;
 	enum mp_verdict verdict;
+	enum mp_event_type event_type;
+	enum mp_traffic_direction traffic_direction;
+	struct mp_flow_event flow_event; /* not in any map: anchored here */
 	enum mp_sock_flags sock_flags;
 	enum mp_bypass_flags bypass_flags;
 	enum mp_counter counter;
