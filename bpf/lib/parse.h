@@ -6,8 +6,8 @@
  * bounds-checked against data_end.
  *
  * Verdicts for what does not parse are documented in ARCHITECTURE.md
- * ("Packets"): truncated or invalid headers are MALFORMED (dropped while
- * policy is on); non-first fragments carry no L4 header and are
+ * ("Packets (XDP)"): truncated or invalid headers are MALFORMED (dropped
+ * while policy is on); non-first fragments carry no L4 header and are
  * FRAGMENT (passed: the first fragment is judged, and no datagram can be
  * reassembled without it); IP protocols other than TCP, UDP, ICMP are
  * judged with port 0 (only port-less rules match them).
@@ -32,7 +32,7 @@
 #define MP_IPPROTO_DSTOPTS  60
 #define MP_TCP_SYN	    0x02
 #define MP_TCP_ACK	    0x10
-/* IPv6 extension headers followed before giving up (MALFORMED). */
+/* IPv6 extension headers followed; a packet with more is MALFORMED. */
 #define MP_MAX_EXT_HDRS 8
 
 enum mp_parse {
@@ -133,7 +133,8 @@ MP_ALWAYS_INLINE int mp_parse_ipv6(void *l3, void *data_end, struct mp_pkt *p)
 	__builtin_memcpy(p->daddr, &ip6->daddr, 16);
 	nexthdr = ip6->nexthdr;
 	cur = ip6 + 1;
-	for (i = 0; i < MP_MAX_EXT_HDRS; i++) {
+	/* One turn per extension header, and one for the upper layer. */
+	for (i = 0; i <= MP_MAX_EXT_HDRS; i++) {
 		switch (nexthdr) {
 		case MP_IPPROTO_HOPOPTS:
 		case MP_IPPROTO_ROUTING:
@@ -172,6 +173,9 @@ MP_ALWAYS_INLINE int mp_parse_ipv6(void *l3, void *data_end, struct mp_pkt *p)
 			break;
 		}
 		case MP_IPPROTO_NONE:
+			/* The headers before it must fit too. */
+			if (cur > data_end)
+				return MP_PARSE_MALFORMED;
 			p->proto = MP_IPPROTO_NONE;
 			return MP_PARSE_OK;
 		default:
