@@ -220,6 +220,7 @@ pub(crate) struct Inner {
     pub(crate) connect: Loaded<skel::connect::ConnectSkel<'static>>,
     pub(crate) skb: Loaded<skel::skb::SkbSkel<'static>>,
     pub(crate) reset: Loaded<skel::reset::ResetSkel<'static>>,
+    pub(crate) xdp: crate::xdp::XdpObject,
     pub(crate) _sk_msg: Loaded<skel::sk_msg::SkMsgSkel<'static>>,
     pub(crate) maps: MapSet,
     pub(crate) quirks: KernelQuirks,
@@ -301,6 +302,13 @@ impl Datapath {
             opts,
             pin,
         )?;
+        let xdp = load_object(
+            "xdp",
+            skel::xdp::XdpSkelBuilder::default(),
+            &mut maps,
+            opts,
+            pin,
+        )?;
 
         // An adopted datapath keeps enforcing its policy until the new
         // owner replaces it: no gap.
@@ -340,6 +348,7 @@ impl Datapath {
             connect,
             skb,
             reset,
+            xdp: crate::xdp::XdpObject::new(xdp),
             _sk_msg: sk_msg,
             maps,
             quirks: KernelQuirks::default(),

@@ -36,6 +36,7 @@ mod probe;
 mod skel;
 mod stats;
 mod sys;
+mod xdp;
 
 pub use attach::CgroupAttachment;
 pub use datapath::{AttachOptions, Datapath, DatapathOptions, PortSide};
@@ -47,3 +48,4 @@ pub use maps::sockets::{Direction, SocketEntry, SocketState, TcpReason};
 pub use net::IpNet;
 pub use probe::{netns_cookie, KernelQuirks};
 pub use stats::{Counters, Point, Verdict, Verdicts};
+pub use xdp::{XdpAttachment, XdpMode};
