@@ -150,9 +150,15 @@ impl Target {
         }
     }
     fn cell(&self) -> String {
+        // Two decimals, or three where two would print the bound itself.
+        let shown = if ratio(self.ratio) == format!("{:.2}", self.bound) {
+            format!("{:.3}", self.ratio)
+        } else {
+            ratio(self.ratio)
+        };
         format!(
             "{} {}{} {}",
-            ratio(self.ratio),
+            shown,
             if self.at_most { "≤" } else { "≥" },
             self.bound,
             if self.pass() { "PASS" } else { "MISS" }
