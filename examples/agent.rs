@@ -1,11 +1,12 @@
 //! The reference node agent.
 //!
 //! ```text
-//! agent --cgroup DIR [--cgroup DIR2 ...] [--pin DIR] [--config FILE.json] [options]
+//! agent --cgroup DIR [--cgroup DIR2 ...] [--pin DIR] [--config FILE.json] [--xdp IFACE ...] [options]
 //! ```
 //!
 //! Loads the meshpath datapath, applies the policy of `--config` (if any),
-//! attaches to every `--cgroup`, prints one line containing `ready` on
+//! attaches to every `--cgroup` (and its XDP program to every `--xdp`
+//! interface), prints one line containing `ready` on
 //! stdout, and runs until SIGINT or SIGTERM, when it detaches and exits 0.
 //! Any error is one line on stderr (`agent: error: ...`) and exit status 1;
 //! problems the load-time probe found are `agent: warning: ...` lines on
@@ -62,7 +63,10 @@ use meshpath::cgroup::{self, CgroupDir};
 use meshpath::policy::{
     Action, DefaultAction, Endpoint, Identity, Peer, PolicyChange, PolicyState, Protocol, Rule,
 };
-use meshpath::{AttachOptions, CgroupAttachment, Datapath, DatapathOptions, IpNet, PortSide};
+use meshpath::{
+    AttachOptions, CgroupAttachment, Datapath, DatapathOptions, IpNet, PortSide, XdpAttachment,
+    XdpMode,
+};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
@@ -75,7 +79,7 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 
 // The agent's command line.
 //
-// Flags planned for later (`--xdp IFACE`, `--node`,
+// Flags planned for later (`--node`,
 // `--auth-listen`, `--peers`, `--cert`, `--key`, `--ca`,
 // `--metrics ADDR:PORT`, `--flows[=json]`, `--cleanup`) are added here as
 // fields; everything downstream reads this struct only.
@@ -85,7 +89,7 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
     version,
     about = "meshpath node agent: short-circuits same-host TCP for processes in the given cgroup v2 directories",
     long_about = None,
-    override_usage = "agent --cgroup DIR [--cgroup DIR ...] [--pin DIR] [--config FILE.json] [OPTIONS]",
+    override_usage = "agent --cgroup DIR [--cgroup DIR ...] [--pin DIR] [--config FILE.json] [--xdp IFACE ...] [OPTIONS]",
     color = ColorChoice::Never
 )]
 struct Args {
@@ -140,6 +144,22 @@ struct Args {
     /// network namespace at PATH, e.g. /run/netns/NAME (repeatable).
     #[arg(long = "policy-reset-netns", value_name = "PATH", requires = "config")]
     policy_reset_netns: Vec<PathBuf>,
+
+    /// Also judge every packet network interface IFACE receives, in XDP,
+    /// by the policy (repeatable).
+    #[arg(long = "xdp", value_name = "IFACE")]
+    xdp: Vec<String>,
+
+    /// How to attach --xdp: auto (native where the driver supports it,
+    /// generic otherwise), native or generic.
+    #[arg(
+        long = "xdp-mode",
+        value_name = "MODE",
+        default_value = "auto",
+        value_parser = parse_xdp_mode,
+        requires = "xdp"
+    )]
+    xdp_mode: XdpMode,
 }
 
 fn parse_port(s: &str) -> Result<u16, String> {
@@ -147,6 +167,15 @@ fn parse_port(s: &str) -> Result<u16, String> {
         Ok(0) => Err("0 is not a port (use 1-65535)".into()),
         Ok(p) => Ok(p),
         Err(_) => Err(format!("{s:?} is not a port number (use 1-65535)")),
+    }
+}
+
+fn parse_xdp_mode(s: &str) -> Result<XdpMode, String> {
+    match s {
+        "auto" => Ok(XdpMode::Auto),
+        "native" => Ok(XdpMode::Native),
+        "generic" => Ok(XdpMode::Generic),
+        _ => Err(format!("{s:?} is not one of auto, native, generic")),
     }
 }
 
@@ -218,21 +247,39 @@ fn run(args: &Args) -> anyhow::Result<()> {
         }
     }
     let attachments = attach(&dp, &targets, args)?;
+    // Kept alive like the cgroup attachments: dropping one detaches it.
+    let xdp = attach_xdp(&dp, args)?;
 
     let names: Vec<String> = attachments
         .iter()
         .map(|a| a.cgroup().display().to_string())
         .collect();
-    say(&format!(
+    let mut ready = format!(
         "agent: ready: attached to {} cgroup{}: {}",
         names.len(),
         if names.len() == 1 { "" } else { "s" },
         names.join(", ")
-    ))
-    .context("writing the ready line to stdout")?;
+    );
+    if !xdp.is_empty() {
+        let ifaces: Vec<String> = xdp
+            .iter()
+            .map(|x| format!("{} ({})", x.interface(), x.mode()))
+            .collect();
+        let _ = write!(ready, "; xdp on {}", ifaces.join(", "));
+    }
+    say(&ready).context("writing the ready line to stdout")?;
 
     let signal = serve(&sigfd, &dp, args)?;
 
+    for x in xdp {
+        let iface = x.interface().to_string();
+        if let Err(e) = x.detach() {
+            warn(&format!(
+                "detaching XDP from {iface}: {}",
+                one_line(&e.into())
+            ));
+        }
+    }
     let n = attachments.len();
     for a in attachments {
         let path = a.cgroup().to_path_buf();
@@ -336,6 +383,23 @@ fn configure(dp: &Datapath, args: &Args) -> anyhow::Result<()> {
         dp.add_local_net(net)?;
     }
     Ok(())
+}
+
+/// Attaches the XDP program to every `--xdp` interface (once each). On
+/// error the attachments made so far are dropped, i.e. detached.
+fn attach_xdp(dp: &Datapath, args: &Args) -> anyhow::Result<Vec<XdpAttachment>> {
+    let mut out: Vec<XdpAttachment> = Vec::new();
+    for iface in &args.xdp {
+        if out.iter().any(|x| x.interface() == iface) {
+            warn(&format!("--xdp {iface} given twice: attaching once"));
+            continue;
+        }
+        let x = dp
+            .attach_xdp(iface, args.xdp_mode)
+            .with_context(|| format!("--xdp {iface} ({} mode)", args.xdp_mode))?;
+        out.push(x);
+    }
+    Ok(out)
 }
 
 fn attach(
