@@ -5,7 +5,9 @@
 //! * every error is exactly one line on stderr and exit status 1;
 //! * `--config FILE.json` enforces an identity policy, re-read on SIGHUP;
 //!   an invalid file is one stderr line naming the field (exit 1 at
-//!   startup; on SIGHUP the agent keeps running and the old policy stays).
+//!   startup; on SIGHUP the agent keeps running and the old policy stays);
+//! * `--xdp IFACE` (with `--xdp-mode`) attaches the XDP program while the
+//!   agent runs.
 //!
 //! These tests load eBPF programs and create cgroups: they must run as
 //! root, and fail (never pass) otherwise. They never attach to the root
@@ -837,6 +839,8 @@ fn help_exits_zero_and_names_the_contract_flags() {
         "--stats-interval",
         "--config",
         "--policy-reset-netns",
+        "--xdp",
+        "--xdp-mode",
     ] {
         assert!(
             text.contains(flag),
@@ -1329,4 +1333,118 @@ fn without_config_everything_is_allowed_and_sighup_changes_nothing() {
     w.assert_allowed("127.0.0.4", "no policy, after SIGHUP");
     let (_, stderr) = stop(agent);
     assert!(!stderr.contains("error"), "{stderr:?}");
+}
+
+// ---------------------------------------------------------------------------
+// --xdp IFACE and --xdp-mode, on a veth interface that is down (no traffic).
+
+/// A veth pair, left down (so it carries no traffic), deleted on drop.
+/// `.0` is the end the agent attaches to.
+struct TestIface(String);
+
+impl TestIface {
+    fn new() -> TestIface {
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // IFNAMSIZ: at most 15 characters.
+        let name = format!("mpag{}x{n}", std::process::id() % 100_000);
+        let peer = format!("{name}p");
+        ip(&["link", "add", &name, "type", "veth", "peer", "name", &peer]);
+        TestIface(name)
+    }
+
+    /// `ip -d link show dev NAME`.
+    fn show(&self) -> String {
+        ip(&["-d", "link", "show", "dev", &self.0])
+    }
+}
+
+impl Drop for TestIface {
+    fn drop(&mut self) {
+        // Deleting one end deletes the pair.
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.0])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn ip(args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running ip {args:?} (iproute2 is needed): {e}"));
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn xdp_attaches_to_each_interface_and_detaches_on_exit() {
+    let _serial = setup();
+    let cg = scoped_cgroup();
+    let (a, b) = (TestIface::new(), TestIface::new());
+    let dir = cg.path().to_string_lossy().into_owned();
+    for (mode, shown) in [("generic", "xdpgeneric"), ("auto", "xdp")] {
+        let mut agent = Agent::spawn(&[
+            "--cgroup",
+            &dir,
+            "--xdp",
+            &a.0,
+            "--xdp",
+            &b.0,
+            "--xdp-mode",
+            mode,
+        ]);
+        let ready = agent.wait_ready();
+        for iface in [&a, &b] {
+            assert!(ready.contains(&iface.0), "{mode}: {ready}");
+            let link = iface.show();
+            assert!(
+                link.contains(shown) && link.contains("prog/xdp"),
+                "{mode}: no XDP program on {} while the agent runs:\n{link}",
+                iface.0
+            );
+        }
+        if mode == "generic" {
+            assert!(ready.contains("(generic)"), "{ready}");
+        }
+        let (_, stderr) = stop(agent);
+        assert!(!stderr.contains("error"), "{stderr:?}");
+        for iface in [&a, &b] {
+            let link = iface.show();
+            assert!(
+                !link.contains("prog/xdp"),
+                "{mode}: the XDP program is still on {} after the agent exited:\n{link}",
+                iface.0
+            );
+        }
+    }
+}
+
+#[test]
+fn bad_xdp_interface_and_mode_are_one_line_naming_them() {
+    let _serial = setup();
+    let cg = scoped_cgroup();
+    let dir = cg.path().to_string_lossy().into_owned();
+    let run = run_failing(&["--cgroup", &dir, "--xdp", "mp-no-such-if"]);
+    let line = run.one_line_error();
+    assert!(line.contains("mp-no-such-if"), "{line}");
+    let iface = TestIface::new();
+    let run = run_failing(&["--cgroup", &dir, "--xdp", &iface.0, "--xdp-mode", "turbo"]);
+    let line = run.one_line_error();
+    assert!(
+        line.contains("--xdp-mode") && line.contains("turbo"),
+        "{line}"
+    );
+    let run = run_failing(&["--cgroup", &dir, "--xdp-mode", "generic"]);
+    let line = run.one_line_error();
+    assert!(line.contains("--xdp"), "{line}");
+    assert!(
+        !iface.show().contains("prog/xdp"),
+        "a failed start left XDP attached"
+    );
 }
