@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 use harness::rtt::RttConn;
-use harness::setup::SetupBench;
+use harness::setup::{SetupBench, SetupKind};
 use harness::stream::StreamConn;
 use harness::{size_label, sys, Mode, World, SIZES};
 
@@ -148,13 +148,13 @@ fn setup(c: &mut Criterion, world: &World) {
     let sb = SetupBench::new(world).expect("setting up the listeners");
     let mut g = c.benchmark_group("setup");
     g.throughput(Throughput::Elements(1));
-    for (name, attached) in [("without-programs", false), ("with-programs", true)] {
+    for (name, kind) in [
+        ("without-programs", SetupKind::Plain),
+        ("with-programs", SetupKind::Attached),
+        ("short-circuit-only", SetupKind::ShortCircuitOnly),
+    ] {
         g.bench_function(name, |b| {
-            b.iter_custom(|iters| {
-                sb.run(world, attached, iters)
-                    .expect("connection setup")
-                    .setup
-            });
+            b.iter_custom(|iters| sb.run(world, kind, iters).expect("connection setup").setup);
         });
     }
     g.finish();

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Parser;
 use harness::rtt::RttConn;
-use harness::setup::SetupBench;
+use harness::setup::{SetupBench, SetupKind};
 use harness::stream::StreamConn;
 use harness::sys::{self, Machine};
 use harness::{median, rotated, size_label, Mode, PathKind, World, SIZES};
@@ -124,11 +124,10 @@ struct Results {
     stream: Vec<StreamCell>,
     stream_verified: BTreeMap<PathKind, u64>,
     /// Setup rate (value) and CPU per connection, setup and close (cpu).
-    setup_plain: Samples,
-    setup_attached: Samples,
+    /// Indexed like `SETUP_KINDS`.
+    setup: [Samples; 3],
     /// Churn rate: setup and close.
-    churn_plain: Samples,
-    churn_attached: Samples,
+    churn: [Samples; 3],
     counters: Vec<(String, Counters)>,
 }
 
@@ -339,12 +338,19 @@ fn measure_stream(world: &World, paths: &[PathKind], plan: &Plan, res: &mut Resu
     Ok(())
 }
 
+/// Plain, every program (default attach), short-circuit only.
+const SETUP_KINDS: [SetupKind; 3] = [
+    SetupKind::Plain,
+    SetupKind::Attached,
+    SetupKind::ShortCircuitOnly,
+];
+
 fn measure_setup(world: &World, plan: &Plan, res: &mut Results) -> Result<()> {
     let sb = SetupBench::new(world)?;
-    let mut n = [0u64; 2];
-    for (i, attached) in [false, true].into_iter().enumerate() {
+    let mut n = [0u64; 3];
+    for (i, kind) in SETUP_KINDS.into_iter().enumerate() {
         n[i] = calibrate(
-            &mut |k| Ok(sb.run(world, attached, k)?.total),
+            &mut |k| Ok(sb.run(world, kind, k)?.total),
             200,
             plan.batch * 2,
             (50, 100_000),
@@ -352,25 +358,22 @@ fn measure_setup(world: &World, plan: &Plan, res: &mut Results) -> Result<()> {
     }
     let c0 = world.counters()?;
     for rep in 0..plan.reps {
-        for attached in rotated(&[false, true], rep) {
-            let k = n[usize::from(attached)];
+        for i in rotated(&[0, 1, 2], rep) {
             let cpu0 = sys::cpu_time()?;
-            let t = sb.run(world, attached, k)?;
+            let t = sb.run(world, SETUP_KINDS[i], n[i])?;
             let cpu = sys::cpu_time()? - cpu0;
-            let (s, c) = if attached {
-                (&mut res.setup_attached, &mut res.churn_attached)
-            } else {
-                (&mut res.setup_plain, &mut res.churn_plain)
-            };
-            s.n = k;
-            s.value.push(k as f64 / t.setup.as_secs_f64());
-            s.cpu.push(cpu.as_secs_f64() * 1e6 / k as f64);
-            c.n = k;
-            c.value.push(k as f64 / t.total.as_secs_f64());
+            let k = n[i] as f64;
+            let s = &mut res.setup[i];
+            s.n = n[i];
+            s.value.push(k / t.setup.as_secs_f64());
+            s.cpu.push(cpu.as_secs_f64() * 1e6 / k);
+            let c = &mut res.churn[i];
+            c.n = n[i];
+            c.value.push(k / t.total.as_secs_f64());
         }
     }
     res.counters.push((
-        "connection setup, with programs".into(),
+        "connection setup, both cgroups".into(),
         world.counters()?.since(&c0),
     ));
     Ok(())
@@ -504,6 +507,11 @@ fn render(
          unix = socketpair; sidecar = client → proxy A → proxy B → server, two tokio proxies \
          (current_thread runtime each, 64 KiB copy buffers); TCP_NODELAY everywhere"
     );
+    let _ = writeln!(
+        o,
+        "- programs attached to the `sc` cgroup: {}",
+        world.attachment.programs().join(", ")
+    );
     let _ = writeln!(o, "- {}", world.haproxy_note);
     let _ = writeln!(o);
 
@@ -622,35 +630,49 @@ fn render(
     );
     let _ = writeln!(
         o,
-        "| | without programs | with programs | with/without |\n|---|---|---|---|"
+        "| | without programs | with programs | short-circuit only | with/without | \
+         short-circuit only/without |\n|---|---|---|---|---|---|"
     );
+    let (su, ch) = (&res.setup, &res.churn);
     let t = Target {
         what: "connection setup rate: with/without programs".into(),
-        ratio: res.setup_attached.med() / res.setup_plain.med(),
+        ratio: su[1].med() / su[0].med(),
         bound: 0.9,
         at_most: false,
     };
     let _ = writeln!(
         o,
-        "| connect + accept + first byte, connections/s | {} | {} | {} |",
-        num(res.setup_plain.med()),
-        num(res.setup_attached.med()),
-        t.cell()
+        "| connect + accept + first byte, connections/s | {} | {} | {} | {} | {} |",
+        num(su[0].med()),
+        num(su[1].med()),
+        num(su[2].med()),
+        t.cell(),
+        ratio(su[2].med() / su[0].med())
     );
     targets.push(t);
     let _ = writeln!(
         o,
-        "| same + close (churn), connections/s | {} | {} | {} |",
-        num(res.churn_plain.med()),
-        num(res.churn_attached.med()),
-        ratio(res.churn_attached.med() / res.churn_plain.med())
+        "| same + close (churn), connections/s | {} | {} | {} | {} | {} |",
+        num(ch[0].med()),
+        num(ch[1].med()),
+        num(ch[2].med()),
+        ratio(ch[1].med() / ch[0].med()),
+        ratio(ch[2].med() / ch[0].med())
     );
     let _ = writeln!(
         o,
-        "| CPU µs per connection (setup + close, this process) | {} | {} | {} |\n",
-        num(res.setup_plain.cpu_med()),
-        num(res.setup_attached.cpu_med()),
-        ratio(res.setup_attached.cpu_med() / res.setup_plain.cpu_med())
+        "| CPU µs per connection (setup + close, this process) | {} | {} | {} | {} | {} |\n",
+        num(su[0].cpu_med()),
+        num(su[1].cpu_med()),
+        num(su[2].cpu_med()),
+        ratio(su[1].cpu_med() / su[0].cpu_med()),
+        ratio(su[2].cpu_med() / su[0].cpu_med())
+    );
+    let _ = writeln!(
+        o,
+        "\"with programs\" is the `sc` cgroup (every program `Datapath::attach_cgroup` attaches \
+         by default); \"short-circuit only\" is a second cgroup attached with \
+         `AttachOptions::policy(false)`.\n"
     );
 
     // Counters.
@@ -810,26 +832,31 @@ fn to_json(
         })
         .collect();
     let _ = writeln!(o, "  \"stream\": [\n{}\n  ],", stream.join(",\n"));
-    let _ = writeln!(
-        o,
-        "  \"setup\": {{\"without_programs\": {}, \"with_programs\": {}}},",
-        json_samples(
-            &res.setup_plain,
-            "median_conn_s",
-            Some("median_cpu_us_per_conn")
-        ),
-        json_samples(
-            &res.setup_attached,
-            "median_conn_s",
-            Some("median_cpu_us_per_conn")
-        )
-    );
-    let _ = writeln!(
-        o,
-        "  \"churn\": {{\"without_programs\": {}, \"with_programs\": {}}},",
-        json_samples(&res.churn_plain, "median_conn_s", None),
-        json_samples(&res.churn_attached, "median_conn_s", None)
-    );
+    let kinds = ["without_programs", "with_programs", "short_circuit_only"];
+    let setup: Vec<String> = kinds
+        .iter()
+        .zip(&res.setup)
+        .map(|(k, s)| {
+            format!(
+                "{}: {}",
+                json_str(k),
+                json_samples(s, "median_conn_s", Some("median_cpu_us_per_conn"))
+            )
+        })
+        .collect();
+    let _ = writeln!(o, "  \"setup\": {{{}}},", setup.join(", "));
+    let churn: Vec<String> = kinds
+        .iter()
+        .zip(&res.churn)
+        .map(|(k, s)| {
+            format!(
+                "{}: {}",
+                json_str(k),
+                json_samples(s, "median_conn_s", None)
+            )
+        })
+        .collect();
+    let _ = writeln!(o, "  \"churn\": {{{}}},", churn.join(", "));
     let counters: Vec<String> = res
         .counters
         .iter()

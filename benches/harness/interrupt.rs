@@ -18,8 +18,10 @@ use nix::sys::signal::{SigSet, Signal};
 
 #[derive(Default)]
 struct Cleanup {
-    /// (the cgroup the process came from, the benchmark cgroup)
-    cgroup: Option<(PathBuf, PathBuf)>,
+    /// The cgroup the process came from.
+    home: Option<PathBuf>,
+    /// The benchmark cgroups.
+    cgroups: Vec<PathBuf>,
     children: Vec<u32>,
     dirs: Vec<PathBuf>,
 }
@@ -57,9 +59,12 @@ pub fn install() -> Result<()> {
     r
 }
 
-/// Remembers the benchmark cgroup and where the process came from.
+/// Remembers a benchmark cgroup and where the process came from.
 pub fn register_cgroup(home: PathBuf, cgroup: PathBuf) {
-    with_state(|s| s.cgroup = Some((home, cgroup)));
+    with_state(|s| {
+        s.home = Some(home);
+        s.cgroups.push(cgroup);
+    });
 }
 
 /// Remembers a child process (and its directory) to kill on a signal.
@@ -90,10 +95,12 @@ fn clean_up(sig: Signal) {
     for d in &state.dirs {
         let _ = std::fs::remove_dir_all(d);
     }
-    if let Some((home, cg)) = state.cgroup {
-        let _ = meshpath::cgroup::move_process(&home, std::process::id());
+    if let Some(home) = &state.home {
+        let _ = meshpath::cgroup::move_process(home, std::process::id());
+    }
+    for cg in &state.cgroups {
         let deadline = Instant::now() + Duration::from_secs(3);
-        while std::fs::remove_dir(&cg).is_err() && cg.exists() && Instant::now() < deadline {
+        while std::fs::remove_dir(cg).is_err() && cg.exists() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
         if cg.exists() {

@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use meshpath::cgroup::ScopedCgroup;
-use meshpath::{CgroupAttachment, Counters, Datapath, DatapathOptions};
+use meshpath::{AttachOptions, CgroupAttachment, Counters, Datapath, DatapathOptions};
 
 /// One way of moving bytes between two sockets of this host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -248,8 +248,14 @@ pub struct World {
     tcp_listener: TcpListener,
     sc_listener: TcpListener,
     sidecar_server: TcpListener,
+    /// The `sc` cgroup's attachment: every program, as
+    /// `Datapath::attach_cgroup` attaches them by default.
     pub attachment: CgroupAttachment,
     pub cgroup: ScopedCgroup,
+    /// A second cgroup with the short-circuit only (no policy programs),
+    /// for the connection setup comparison.
+    pub sc_only_attachment: CgroupAttachment,
+    pub sc_only_cgroup: ScopedCgroup,
     pub dp: Datapath,
     /// The two CPUs used: client side on `cpus.0`, server/reader on `cpus.1`.
     pub cpus: (usize, usize),
@@ -270,15 +276,22 @@ impl World {
         let cpus = sys::two_cpus()?;
         let dp =
             Datapath::load(&DatapathOptions::default()).context("loading the meshpath datapath")?;
+        let home = meshpath::cgroup::current_cgroup().context("finding this process's cgroup")?;
         let cgroup =
             ScopedCgroup::new("meshpath-bench").context("creating the benchmark cgroup")?;
-        interrupt::register_cgroup(
-            meshpath::cgroup::current_cgroup().context("finding this process's cgroup")?,
-            cgroup.path().to_path_buf(),
-        );
+        interrupt::register_cgroup(home.clone(), cgroup.path().to_path_buf());
         let attachment = dp
             .attach_cgroup(cgroup.path())
             .with_context(|| format!("attaching to {}", cgroup.path().display()))?;
+        let sc_only_cgroup = ScopedCgroup::new("meshpath-bench-sconly")
+            .context("creating the short-circuit-only cgroup")?;
+        interrupt::register_cgroup(home, sc_only_cgroup.path().to_path_buf());
+        let sc_only_attachment = dp
+            .attach_cgroup_with(
+                sc_only_cgroup.path(),
+                &AttachOptions::default().policy(false),
+            )
+            .with_context(|| format!("attaching to {}", sc_only_cgroup.path().display()))?;
 
         let tcp_listener = TcpListener::bind("127.0.0.2:0").context("bind 127.0.0.2")?;
         let sc_listener = {
@@ -313,6 +326,8 @@ impl World {
             sidecar_server,
             attachment,
             cgroup,
+            sc_only_attachment,
+            sc_only_cgroup,
             dp,
             cpus,
             all_cpus,

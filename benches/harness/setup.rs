@@ -23,6 +23,18 @@ use super::World;
 pub struct SetupBench {
     plain: TcpListener,
     attached: TcpListener,
+    sc_only: TcpListener,
+}
+
+/// Where the sockets of a setup batch live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetupKind {
+    /// Outside any attached cgroup: no programs run.
+    Plain,
+    /// In the `sc` cgroup: every program attached by default.
+    Attached,
+    /// In the cgroup with the short-circuit only (no policy programs).
+    ShortCircuitOnly,
 }
 
 impl SetupBench {
@@ -35,27 +47,43 @@ impl SetupBench {
                 .context("entering the benchmark cgroup")?;
             TcpListener::bind("127.0.0.11:0").context("bind 127.0.0.11")?
         };
-        Ok(SetupBench { plain, attached })
+        let sc_only = {
+            let _in = world
+                .sc_only_cgroup
+                .enter()
+                .context("entering the short-circuit-only cgroup")?;
+            TcpListener::bind("127.0.0.12:0").context("bind 127.0.0.12")?
+        };
+        Ok(SetupBench {
+            plain,
+            attached,
+            sc_only,
+        })
     }
 
-    /// Sets up and tears down `n` connections. With `attached`, the
-    /// process is inside the cgroup meanwhile (the move in and out is not
-    /// timed).
-    pub fn run(&self, world: &World, attached: bool, n: u64) -> Result<SetupTimes> {
-        let _in = if attached {
-            Some(
-                world
-                    .cgroup
-                    .enter()
-                    .context("entering the benchmark cgroup")?,
-            )
-        } else {
-            None
-        };
-        let l = if attached {
-            &self.attached
-        } else {
-            &self.plain
+    /// Sets up and tears down `n` connections. Inside a cgroup, the
+    /// process is in it meanwhile (the move in and out is not timed).
+    pub fn run(&self, world: &World, kind: SetupKind, n: u64) -> Result<SetupTimes> {
+        let (_in, l) = match kind {
+            SetupKind::Plain => (None, &self.plain),
+            SetupKind::Attached => (
+                Some(
+                    world
+                        .cgroup
+                        .enter()
+                        .context("entering the benchmark cgroup")?,
+                ),
+                &self.attached,
+            ),
+            SetupKind::ShortCircuitOnly => (
+                Some(
+                    world
+                        .sc_only_cgroup
+                        .enter()
+                        .context("entering the short-circuit-only cgroup")?,
+                ),
+                &self.sc_only,
+            ),
         };
         let to = l.local_addr()?;
         let mut setup = Duration::ZERO;
