@@ -13,13 +13,13 @@ use crate::skel::sockops::types;
 pub use types::{
     mp_abi as Abi, mp_action as Action, mp_bypass_flags as BypassFlags, mp_counter as CounterId,
     mp_dir_mode as DirMode, mp_endpoint as EndpointValue, mp_event_type as EventType,
-    mp_flow_event as FlowEvent, mp_traffic_direction as TrafficDirection, mp_identity_limits as IdentityLimits,
+    mp_flow_event as FlowEvent, mp_identity_limits as IdentityLimits,
     mp_identity_name as IdentityName, mp_identity_reserved as IdentityReserved,
     mp_lpm_key as LpmKey, mp_point as PointId, mp_policy_key as PolicyKey,
     mp_policy_value as PolicyValue, mp_policy_word as PolicyWord, mp_proto as Proto,
     mp_settings as Settings, mp_shape_bits as ShapeBits, mp_sock_entry as SockEntry,
     mp_sock_flags as SockFlags, mp_sock_key as SockKey, mp_sock_reason as SockReason,
-    mp_sock_state as SockState, mp_verdict as VerdictId,
+    mp_sock_state as SockState, mp_traffic_direction as TrafficDirection, mp_verdict as VerdictId,
 };
 
 /// The layout version this build of the library writes and accepts.

@@ -181,6 +181,20 @@ impl Error {
         }
     }
 
+    /// Re-aims an `Invalid` error at `field` (e.g. a config path such as
+    /// `endpoints[1].ip`), keeping what it said: `invalid CIDR: 10.0.0.1/8
+    /// has host bits set` becomes `invalid endpoints[1].ip: CIDR 10.0.0.1/8
+    /// has host bits set`. Other errors are returned unchanged.
+    pub fn at(self, field: impl Into<String>) -> Error {
+        match self {
+            Error::Invalid { field: old, reason } => Error::Invalid {
+                field: field.into(),
+                reason: format!("{old} {reason}"),
+            },
+            other => other,
+        }
+    }
+
     /// The errno behind this error, when there is one.
     pub fn raw_os_error(&self) -> Option<i32> {
         match self {
@@ -203,5 +217,24 @@ pub(crate) fn errno_of(e: &libbpf_rs::Error) -> Option<i32> {
         libbpf_rs::ErrorKind::TooBig => Some(libc::E2BIG),
         libbpf_rs::ErrorKind::Unsupported => Some(libc::EOPNOTSUPP),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn at_re_aims_invalid_errors_and_keeps_what_they_said() {
+        let e = "10.0.0.1/8"
+            .parse::<crate::IpNet>()
+            .unwrap_err()
+            .at("endpoints[1].ip");
+        assert_eq!(
+            e.to_string(),
+            "invalid endpoints[1].ip: CIDR 10.0.0.1/8 has host bits set; the network is 10.0.0.0/8"
+        );
+        let other = Error::NoCgroup2.at("x");
+        assert!(matches!(other, Error::NoCgroup2));
     }
 }

@@ -14,7 +14,9 @@ use std::ptr::NonNull;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
-use crate::abi::{self, EventType, FlowEvent, PointId, TrafficDirection as RawDirection, VerdictId};
+use crate::abi::{
+    self, EventType, FlowEvent, PointId, TrafficDirection as RawDirection, VerdictId,
+};
 use crate::datapath::Datapath;
 use crate::error::{Error, Result};
 use crate::stats::{Point, Verdict};
@@ -249,7 +251,8 @@ impl Flow {
         };
         let verdict = match self.verdict {
             MV::Allow | MV::Fragment | MV::NotIp | MV::NoSource => {
-                if self.kind == FlowKind::ShortCircuitOpen || self.kind == FlowKind::ShortCircuitClose
+                if self.kind == FlowKind::ShortCircuitOpen
+                    || self.kind == FlowKind::ShortCircuitClose
                 {
                     proto::Verdict::Redirected
                 } else {
@@ -394,7 +397,9 @@ unsafe impl Send for FlowReader {}
 
 impl std::fmt::Debug for FlowReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FlowReader").field("queued", &self.queue.len()).finish()
+        f.debug_struct("FlowReader")
+            .field("queued", &self.queue.len())
+            .finish()
     }
 }
 
@@ -425,7 +430,12 @@ impl Datapath {
             // and a context pointer that outlives the ring buffer (both
             // are owned by the FlowReader, the ring buffer freed first).
             let rb = unsafe {
-                libbpf_sys::ring_buffer__new(m.fd.as_fd().as_raw_fd(), Some(on_event), ctx, std::ptr::null())
+                libbpf_sys::ring_buffer__new(
+                    m.fd.as_fd().as_raw_fd(),
+                    Some(on_event),
+                    ctx,
+                    std::ptr::null(),
+                )
             };
             let rb = NonNull::new(rb).ok_or_else(|| Error::Map {
                 map: "meshpath_events",
@@ -580,7 +590,6 @@ impl FlowStream {
         .map_err(|e| Error::io("registering with tokio", "the flow ring buffer", e.into()))?;
         Ok(FlowStream { fd, reader })
     }
-
 }
 
 #[cfg(feature = "tokio")]
@@ -669,7 +678,10 @@ mod tests {
         assert_eq!(p.traffic_direction, 1, "INGRESS");
         assert_eq!(p.node_name, "node-a");
         assert_eq!(p.time.as_ref().unwrap().seconds, 5);
-        assert_eq!(p.source.as_ref().unwrap().labels, vec!["spiffe=spiffe://mesh.local/a"]);
+        assert_eq!(
+            p.source.as_ref().unwrap().labels,
+            vec!["spiffe=spiffe://mesh.local/a"]
+        );
         match p.l4.as_ref().unwrap().protocol.as_ref().unwrap() {
             proto::layer4::Protocol::Tcp(t) => {
                 assert_eq!(t.destination_port, 5432);
@@ -682,6 +694,10 @@ mod tests {
         assert_eq!(proto::Flow::decode_length_delimited(&bytes[..]).unwrap(), p);
         let mut no_rule = f.clone();
         no_rule.rule = None;
-        assert_eq!(no_rule.to_proto("n").drop_reason_desc, 133, "POLICY_DENIED: the default");
+        assert_eq!(
+            no_rule.to_proto("n").drop_reason_desc,
+            133,
+            "POLICY_DENIED: the default"
+        );
     }
 }

@@ -97,7 +97,7 @@ impl SocketState {
             _ => Direction::Undecided,
         };
         let r = u32::from(s.reason);
-        let tcp_reason = (direction == Direction::Tcp).then(|| match r {
+        let tcp_reason = (direction == Direction::Tcp).then_some(match r {
             x if x == SockReason::MP_REASON_NO_PEER.0 => TcpReason::NoPeer,
             x if x == SockReason::MP_REASON_PEER_OPTOUT.0 => TcpReason::PeerOptOut,
             x if x == SockReason::MP_REASON_DRAINING.0 => TcpReason::Draining,

@@ -35,7 +35,7 @@ pub(crate) struct PolicySlot {
 }
 
 /// What a policy change did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PolicyChange {
     /// Endpoint entries written (added or changed).
@@ -51,6 +51,9 @@ pub struct PolicyChange {
     /// Established flows reset because the new state denies them (in the
     /// caller's network namespace).
     pub flows_reset: u64,
+    /// Why resetting denied flows failed, if it did. The new state is live
+    /// either way (the packet hooks drop the denied flows' packets).
+    pub reset_error: Option<String>,
 }
 
 impl Datapath {
@@ -62,7 +65,9 @@ impl Datapath {
 
     /// Replaces the whole policy state. Validates first: on error nothing
     /// changes. Applies the difference atomically (see the module docs),
-    /// then resets established TCP flows the new state denies.
+    /// then resets established TCP flows the new state denies (a failure
+    /// of that last step is reported in `PolicyChange::reset_error`: the
+    /// state is live once this returns `Ok`).
     pub fn replace_policy(&self, state: &PolicyState) -> Result<PolicyChange> {
         let mut slot = self.lock_policy();
         self.apply_locked(&mut slot, state.clone())
@@ -347,7 +352,10 @@ impl Datapath {
         }
         slot.state = Some(state);
         change.generation = gen;
-        change.flows_reset = self.reset_denied_flows()?;
+        match self.reset_denied_flows() {
+            Ok(n) => change.flows_reset = n,
+            Err(e) => change.reset_error = Some(format!("{e}")),
+        }
         Ok(change)
     }
 }

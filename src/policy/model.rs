@@ -267,13 +267,7 @@ pub(crate) struct Compiled {
 }
 
 fn field(path: String, e: Error) -> Error {
-    match e {
-        Error::Invalid { reason, .. } => Error::Invalid {
-            field: path,
-            reason,
-        },
-        other => other,
-    }
+    e.at(path)
 }
 
 impl PolicyState {
