@@ -99,14 +99,20 @@ MP_ALWAYS_INLINE int mp_judge(struct bpf_sock_addr *ctx, __u64 word,
 			src[3] = bpf_htonl(1);
 	}
 	if (proto == MP_PROTO_UDP && sport) {
-		mp_policy_packet_j(word, point, src, dst, proto, sport, dport,
-				   false, &j);
+		mp_policy_packet_j(word, point, MP_LOCAL_SRC, src, dst, proto,
+				   sport, dport, false, &j);
 	} else {
-		mp_policy_judge_j(word, src, dst, proto, dport, &j);
+		mp_policy_judge_j(word, point, MP_LOCAL_SRC, src, dst, proto,
+				  dport, &j);
 		mp_verdict_count(point, j.verdict);
 	}
 	if (mp_events_on())
 		mp_connect_event(ctx, point, src, dst, proto, sport, dport, &j);
+	/* An `auth` flow not yet authenticated is held back, not refused:
+	 * the agent was signalled, and the packet hooks drop its packets
+	 * until the entry is in place (TCP retransmits its SYN). */
+	if (j.verdict == MP_V_AUTH_REQUIRED)
+		return 1;
 	return mp_verdict_passes(j.verdict) ? 1 : 0;
 }
 

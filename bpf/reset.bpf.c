@@ -22,6 +22,7 @@ int meshpath_reset(struct bpf_iter__tcp *ctx)
 {
 	struct sock_common *skc = ctx->sk_common;
 	struct mp_sock_key key = {};
+	struct mp_judgement j;
 	struct mp_sock_state *st;
 	struct tcp_sock *tp;
 	struct sock *sk;
@@ -58,8 +59,10 @@ int meshpath_reset(struct bpf_iter__tcp *ctx)
 	key.local_port = sk->__sk_common.skc_num;
 	key.remote_port = bpf_ntohs(sk->__sk_common.skc_dport);
 
-	verdict = mp_policy_sock_flow(word, &key, st->client);
+	mp_policy_sock_flow_j(word, &key, st->client, &j);
+	verdict = j.verdict;
 	st->verdict = verdict;
+	st->auth_expiry_ns = j.auth_expiry;
 	st->policy_gen = mp_policy_gen(word);
 	if (mp_verdict_passes(verdict))
 		return 0;
@@ -68,7 +71,6 @@ int meshpath_reset(struct bpf_iter__tcp *ctx)
 	mp_count(MP_C_POLICY_RESET);
 	if (mp_events_on()) {
 		struct mp_flow_event ev = {};
-		struct mp_judgement j;
 
 		/* Described from the connecting end. */
 		if (st->client) {
@@ -82,8 +84,6 @@ int meshpath_reset(struct bpf_iter__tcp *ctx)
 			ev.sport = key.remote_port;
 			ev.dport = key.local_port;
 		}
-		mp_policy_judge_j(word, ev.saddr, ev.daddr, MP_PROTO_TCP,
-				  ev.dport, &j);
 		ev.src_identity = j.src_id;
 		ev.dst_identity = j.dst_id;
 		ev.rule = j.rule;

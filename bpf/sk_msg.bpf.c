@@ -99,12 +99,20 @@ int meshpath_sk_msg(struct sk_msg_md *msg)
 	if (!mp_key_from_msg(msg, &key))
 		return mp_fallback(st, NULL, size, MP_C_FALLBACK_NO_STATE,
 				   MP_REASON_NONE);
-	/* Policy changed since this flow was judged: judge it again.  A
-	 * denied flow's messages are dropped (the sender sees EACCES) until
-	 * the reset iterator aborts the connection. */
+	/* Policy changed since this flow was judged, or its authentication
+	 * expired: judge it again.  A denied flow's messages are dropped (the
+	 * sender sees EACCES) until the reset iterator aborts the connection;
+	 * an `auth` flow without a live entry asks the agent again. */
 	word = mp_policy_word();
-	if (mp_policy_on(word) && st->policy_gen != mp_policy_gen(word)) {
-		st->verdict = mp_policy_sock_flow(word, &key, st->client);
+	if (mp_policy_on(word) &&
+	    (st->policy_gen != mp_policy_gen(word) ||
+	     (st->auth_expiry_ns &&
+	      bpf_ktime_get_ns() >= st->auth_expiry_ns))) {
+		struct mp_judgement j;
+
+		mp_policy_sock_flow_j(word, &key, st->client, &j);
+		st->verdict = j.verdict;
+		st->auth_expiry_ns = j.auth_expiry;
 		st->policy_gen = mp_policy_gen(word);
 	}
 	if (mp_policy_on(word) && !mp_verdict_passes(st->verdict)) {

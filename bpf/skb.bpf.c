@@ -83,8 +83,10 @@ MP_ALWAYS_INLINE int mp_skb_judge(struct __sk_buff *skb, __u32 point)
 	}
 	syn_only = p.proto == MP_PROTO_TCP &&
 		   (p.tcp_flags & (MP_TCP_SYN | MP_TCP_ACK)) == MP_TCP_SYN;
-	mp_policy_packet_j(word, point, p.saddr, p.daddr, p.proto, p.sport,
-			   p.dport, syn_only, &j);
+	mp_policy_packet_j(
+	    word, point,
+	    point == MP_POINT_INGRESS ? MP_LOCAL_DST : MP_LOCAL_SRC, p.saddr,
+	    p.daddr, p.proto, p.sport, p.dport, syn_only, &j);
 	verdict = j.verdict;
 	/* Drops are always reported (aggregated).  An audited TCP flow is
 	 * reported by the packet that starts it, not by every segment. */

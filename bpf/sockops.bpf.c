@@ -131,6 +131,7 @@ MP_ALWAYS_INLINE bool mp_peer_may_be_local(const struct mp_sock_key *k)
 MP_ALWAYS_INLINE void mp_established(struct bpf_sock_ops *skops, bool active,
 				     bool shortcircuit)
 {
+	struct mp_judgement j;
 	struct mp_sock_entry entry = {};
 	struct mp_sock_key key = {};
 	struct mp_sock_key peer = {};
@@ -162,7 +163,9 @@ MP_ALWAYS_INLINE void mp_established(struct bpf_sock_ops *skops, bool active,
 	st->cookie = bpf_get_socket_cookie(skops);
 	word = mp_policy_word();
 	st->policy_gen = mp_policy_gen(word);
-	st->verdict = mp_policy_sock_flow(word, &key, active);
+	mp_policy_sock_flow_j(word, &key, active, &j);
+	st->verdict = j.verdict;
+	st->auth_expiry_ns = j.auth_expiry;
 	if (mp_policy_on(word))
 		mp_verdict_count(MP_POINT_SHORTCIRCUIT, st->verdict);
 	if (!mp_verdict_passes(st->verdict) || !shortcircuit)

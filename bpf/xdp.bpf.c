@@ -145,8 +145,8 @@ int meshpath_xdp(struct xdp_md *ctx)
 	}
 	syn_only = p.proto == MP_PROTO_TCP &&
 		   (p.tcp_flags & (MP_TCP_SYN | MP_TCP_ACK)) == MP_TCP_SYN;
-	mp_policy_packet_j(word, MP_POINT_XDP, p.saddr, p.daddr, p.proto,
-			   p.sport, p.dport, syn_only, &j);
+	mp_policy_packet_j(word, MP_POINT_XDP, MP_LOCAL_DST, p.saddr, p.daddr,
+			   p.proto, p.sport, p.dport, syn_only, &j);
 	/* As cgroup_skb: drops always reported (aggregated); an audited TCP
 	 * flow by the packet that starts it, not by every segment. */
 	if (j.verdict != MP_V_ALLOW && mp_events_on() &&

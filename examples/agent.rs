@@ -658,7 +658,7 @@ fn build_state(file: ConfigFile) -> anyhow::Result<PolicyState> {
             .identity
             .parse()
             .map_err(|err| at(&format!("endpoints[{i}].identity"), err))?;
-        endpoints.push(Endpoint { ip, identity });
+        endpoints.push(Endpoint { ip, identity, node: None });
     }
     let mut policies = Vec::with_capacity(file.policies.len());
     for (i, r) in file.policies.iter().enumerate() {

@@ -11,9 +11,10 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use crate::skel::sockops::types;
 
 pub use types::{
-    mp_abi as Abi, mp_action as Action, mp_bypass_flags as BypassFlags, mp_counter as CounterId,
-    mp_dir_mode as DirMode, mp_endpoint as EndpointValue, mp_event_type as EventType,
-    mp_flow_event as FlowEvent, mp_identity_limits as IdentityLimits,
+    mp_abi as Abi, mp_action as Action, mp_auth_key as AuthKey, mp_auth_signal as AuthSignal,
+    mp_auth_value as AuthValue, mp_bypass_flags as BypassFlags, mp_cert_info as CertInfo,
+    mp_counter as CounterId, mp_dir_mode as DirMode, mp_endpoint as EndpointValue,
+    mp_event_type as EventType, mp_flow_event as FlowEvent, mp_identity_limits as IdentityLimits,
     mp_identity_name as IdentityName, mp_identity_reserved as IdentityReserved,
     mp_lpm_key as LpmKey, mp_point as PointId, mp_policy_key as PolicyKey,
     mp_policy_value as PolicyValue, mp_policy_word as PolicyWord, mp_proto as Proto,
@@ -48,6 +49,14 @@ unsafe impl plain::Plain for EndpointValue {}
 unsafe impl plain::Plain for IdentityName {}
 // SAFETY: see above.
 unsafe impl plain::Plain for FlowEvent {}
+// SAFETY: see above.
+unsafe impl plain::Plain for AuthKey {}
+// SAFETY: see above.
+unsafe impl plain::Plain for AuthValue {}
+// SAFETY: see above.
+unsafe impl plain::Plain for AuthSignal {}
+// SAFETY: see above.
+unsafe impl plain::Plain for CertInfo {}
 
 /// Packs the policy word (see `enum mp_policy_word` in abi.h).
 pub(crate) fn policy_word(gen: u32, on: bool, default_action: u8, epoch: u32) -> u64 {

@@ -36,6 +36,11 @@ pub(crate) const KNOWN_MAPS: &[&str] = &[
     "meshpath_verdicts",
     "meshpath_events",
     "meshpath_event_agg",
+    "meshpath_auth",
+    "meshpath_auth_signals",
+    "meshpath_auth_pending",
+    "meshpath_auth_rate",
+    "meshpath_certs",
 ];
 
 /// How to load the datapath.
@@ -76,6 +81,15 @@ pub struct DatapathOptions {
     /// Size of the flow event ring buffer in bytes (a power of two, at
     /// least a page). Default 4 MiB (32,768 events).
     pub event_ring_bytes: u32,
+    /// Capacity of the auth map (authenticated identity pairs). Default
+    /// 16,384.
+    pub max_auth: u32,
+    /// At most one auth-required signal per pair per interval (default
+    /// 1 s): a flood of held packets asks the agent once.
+    pub auth_signal_interval: std::time::Duration,
+    /// At most this many auth-required signals per second and CPU (default
+    /// 1,000); the rest are counted as dropped.
+    pub auth_signal_rate: u32,
 }
 
 impl Default for DatapathOptions {
@@ -92,6 +106,9 @@ impl Default for DatapathOptions {
             flow_events: false,
             event_interval: std::time::Duration::from_secs(1),
             event_ring_bytes: 4 << 20,
+            max_auth: 16_384,
+            auth_signal_interval: std::time::Duration::from_secs(1),
+            auth_signal_rate: 1000,
         }
     }
 }
@@ -112,6 +129,18 @@ impl DatapathOptions {
     /// Reports flow events from the start.
     pub fn flow_events(mut self, on: bool) -> Self {
         self.flow_events = on;
+        self
+    }
+
+    /// Sets the auth signal de-duplication interval.
+    pub fn auth_signal_interval(mut self, d: std::time::Duration) -> Self {
+        self.auth_signal_interval = d;
+        self
+    }
+
+    /// Sets the auth signal rate limit (per second and CPU).
+    pub fn auth_signal_rate(mut self, n: u32) -> Self {
+        self.auth_signal_rate = n;
         self
     }
 
@@ -169,6 +198,7 @@ impl DatapathOptions {
             ("max_sockets", self.max_sockets),
             ("max_endpoints", self.max_endpoints),
             ("max_policies", self.max_policies),
+            ("max_auth", self.max_auth),
         ] {
             if !(2..=1 << 24).contains(&v) {
                 return Err(Error::invalid(
@@ -188,6 +218,7 @@ impl DatapathOptions {
             }
             "meshpath_policy_0" | "meshpath_policy_1" => Some(self.max_policies),
             "meshpath_events" => Some(self.event_ring_bytes),
+            "meshpath_auth" => Some(self.max_auth),
             _ => None,
         }
     }
@@ -233,6 +264,8 @@ pub(crate) struct Inner {
     pub(crate) policy: std::sync::Mutex<crate::policy::PolicySlot>,
     /// Whether a flow reader is open (the ring buffer has one consumer).
     pub(crate) flow_reader: std::sync::atomic::AtomicBool,
+    /// Whether an auth signal reader is open.
+    pub(crate) auth_reader: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -324,6 +357,11 @@ impl Datapath {
                 policy: adopted_policy,
                 events: u8::from(opts.flow_events),
                 event_interval_ms: opts.event_interval.as_millis().min(u128::from(u32::MAX)) as u32,
+                auth_signal_interval_ms: opts
+                    .auth_signal_interval
+                    .as_millis()
+                    .min(u128::from(u32::MAX)) as u32,
+                auth_signal_rate: opts.auth_signal_rate,
                 ..Default::default()
             },
         )?;
@@ -357,6 +395,7 @@ impl Datapath {
             settings_lock: Default::default(),
             policy: Default::default(),
             flow_reader: Default::default(),
+            auth_reader: Default::default(),
         };
         if opts.probe_quirks {
             inner.quirks = probe::probe_readiness(&inner.maps)?;

@@ -7,10 +7,9 @@
 //! (an agent fans events out to its own clients). Events the ring had no
 //! room for are counted in [`Counters::events_lost`](crate::Counters).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::IpAddr;
-use std::os::fd::{AsFd, AsRawFd, RawFd};
-use std::ptr::NonNull;
+use std::os::fd::{AsFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
@@ -19,6 +18,7 @@ use crate::abi::{
 };
 use crate::datapath::Datapath;
 use crate::error::{Error, Result};
+use crate::ring::Ring;
 use crate::stats::{Point, Verdict};
 
 /// The protobuf messages of `proto/flow.proto` (prost).
@@ -350,55 +350,20 @@ fn interface_name(ifindex: u32) -> Option<String> {
     Some(name.to_string_lossy().into_owned())
 }
 
-/// Raw events waiting to be turned into [`Flow`]s; filled by libbpf's
-/// ring buffer callback.
-type Queue = VecDeque<FlowEvent>;
-
-unsafe extern "C" fn on_event(
-    ctx: *mut libc::c_void,
-    data: *mut libc::c_void,
-    size: libbpf_sys::size_t,
-) -> i32 {
-    if ctx.is_null() || data.is_null() || (size as usize) < std::mem::size_of::<FlowEvent>() {
-        return 0;
-    }
-    // SAFETY: `ctx` is the `Box<Queue>` FlowReader handed to
-    // ring_buffer__new, alive (and not otherwise borrowed) while the ring
-    // buffer is polled from FlowReader's own methods.
-    let q = unsafe { &mut *ctx.cast::<Queue>() };
-    let mut ev = FlowEvent::default();
-    // SAFETY: `data` points to at least size_of::<FlowEvent>() bytes of a
-    // ring buffer sample; FlowEvent is Plain, any bytes are a valid value.
-    unsafe {
-        std::ptr::copy_nonoverlapping(
-            data.cast::<u8>(),
-            (&mut ev as *mut FlowEvent).cast::<u8>(),
-            std::mem::size_of::<FlowEvent>(),
-        );
-    }
-    q.push_back(ev);
-    0
-}
-
 /// Reads flow events. Created by [`Datapath::flows`]; iterating blocks
 /// until an event arrives.
 pub struct FlowReader {
-    rb: NonNull<libbpf_sys::ring_buffer>,
-    queue: Box<Queue>,
+    ring: Ring<FlowEvent>,
     dp: Datapath,
     names: HashMap<u32, Option<String>>,
     /// CLOCK_REALTIME - CLOCK_MONOTONIC, in ns, when the reader was made.
     wall_offset_ns: i128,
 }
 
-// SAFETY: the ring buffer and its callback context are only touched
-// through `&mut self`; libbpf's ring_buffer has no thread affinity.
-unsafe impl Send for FlowReader {}
-
 impl std::fmt::Debug for FlowReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FlowReader")
-            .field("queued", &self.queue.len())
+            .field("queued", &self.ring.queued())
             .finish()
     }
 }
@@ -424,29 +389,11 @@ impl Datapath {
                 .maps()
                 .get("meshpath_events")
                 .ok_or_else(|| Error::invalid("datapath", "events map missing"))?;
-            let mut queue: Box<Queue> = Box::default();
-            let ctx = (&mut *queue as *mut Queue).cast::<libc::c_void>();
-            // SAFETY: a live ring buffer map fd, a callback with the C ABI,
-            // and a context pointer that outlives the ring buffer (both
-            // are owned by the FlowReader, the ring buffer freed first).
-            let rb = unsafe {
-                libbpf_sys::ring_buffer__new(
-                    m.fd.as_fd().as_raw_fd(),
-                    Some(on_event),
-                    ctx,
-                    std::ptr::null(),
-                )
-            };
-            let rb = NonNull::new(rb).ok_or_else(|| Error::Map {
-                map: "meshpath_events",
-                op: "opening the ring buffer",
-                source: std::io::Error::last_os_error(),
-            })?;
+            let ring = Ring::new("meshpath_events", m.fd.as_fd())?;
             let wall_offset_ns = clock_ns(nix::time::ClockId::CLOCK_REALTIME)
                 - clock_ns(nix::time::ClockId::CLOCK_MONOTONIC);
             Ok(FlowReader {
-                rb,
-                queue,
+                ring,
                 dp: self.clone(),
                 names: HashMap::new(),
                 wall_offset_ns,
@@ -473,50 +420,21 @@ impl Datapath {
 impl FlowReader {
     /// The next event, waiting up to `timeout` (`None` when none came).
     pub fn poll(&mut self, timeout: Duration) -> Result<Option<Flow>> {
-        if self.queue.is_empty() {
-            let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-            // SAFETY: `rb` is a live ring buffer owned by self.
-            let r = unsafe { libbpf_sys::ring_buffer__poll(self.rb.as_ptr(), ms) };
-            if r < 0 && -r != libc::EINTR {
-                return Err(Error::Map {
-                    map: "meshpath_events",
-                    op: "polling the ring buffer",
-                    source: std::io::Error::from_raw_os_error(-r),
-                });
-            }
-        }
-        Ok(self.next_queued())
+        Ok(self.ring.poll(timeout)?.map(|ev| self.to_flow(&ev)))
     }
 
     /// The next event already in the ring, without waiting.
     pub fn try_next(&mut self) -> Result<Option<Flow>> {
-        if self.queue.is_empty() {
-            self.consume()?;
-        }
-        Ok(self.next_queued())
+        Ok(self.ring.try_next()?.map(|ev| self.to_flow(&ev)))
     }
 
-    fn consume(&mut self) -> Result<()> {
-        // SAFETY: `rb` is a live ring buffer owned by self.
-        let r = unsafe { libbpf_sys::ring_buffer__consume(self.rb.as_ptr()) };
-        if r < 0 {
-            return Err(Error::Map {
-                map: "meshpath_events",
-                op: "reading the ring buffer",
-                source: std::io::Error::from_raw_os_error(-r),
-            });
-        }
-        Ok(())
-    }
-
-    fn next_queued(&mut self) -> Option<Flow> {
-        let ev = self.queue.pop_front()?;
+    fn to_flow(&mut self, ev: &FlowEvent) -> Flow {
         let t = self.wall_offset_ns + i128::from(ev.time_ns);
         let time = SystemTime::UNIX_EPOCH + Duration::from_nanos(t.max(0) as u64);
-        let mut f = Flow::from_raw(&ev, time);
+        let mut f = Flow::from_raw(ev, time);
         f.source_name = self.name(f.source_identity);
         f.destination_name = self.name(f.destination_identity);
-        Some(f)
+        f
     }
 
     fn name(&mut self, id: u32) -> Option<String> {
@@ -538,8 +456,7 @@ impl FlowReader {
 
     /// The fd that becomes readable when events arrive (epoll).
     pub fn as_raw_fd(&self) -> RawFd {
-        // SAFETY: `rb` is a live ring buffer owned by self.
-        unsafe { libbpf_sys::ring_buffer__epoll_fd(self.rb.as_ptr()) }
+        self.ring.as_raw_fd()
     }
 }
 
@@ -560,9 +477,6 @@ impl Iterator for FlowReader {
 
 impl Drop for FlowReader {
     fn drop(&mut self) {
-        // SAFETY: `rb` was made by ring_buffer__new and is freed once,
-        // before `queue` (its callback context) is dropped.
-        unsafe { libbpf_sys::ring_buffer__free(self.rb.as_ptr()) };
         let _ = self.dp.set_flow_events(false);
         self.dp.inner.flow_reader.store(false, Ordering::Release);
     }
@@ -580,14 +494,7 @@ pub struct FlowStream {
 impl FlowStream {
     /// Wraps a reader; must be called inside a tokio runtime.
     pub fn new(reader: FlowReader) -> Result<FlowStream> {
-        let raw = reader.as_raw_fd();
-        // SAFETY: the fd belongs to `reader`'s ring buffer, which lives in
-        // the same FlowStream and is closed only after `fd` (declared
-        // first) has deregistered it.
-        let fd = unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(raw, tokio::io::Interest::READABLE)
-        }
-        .map_err(|e| Error::io("registering with tokio", "the flow ring buffer", e.into()))?;
+        let fd = crate::ring::register(&reader.ring)?;
         Ok(FlowStream { fd, reader })
     }
 }
@@ -601,28 +508,8 @@ impl futures_core::Stream for FlowStream {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<Flow>>> {
         let this = self.get_mut();
-        loop {
-            match this.reader.try_next() {
-                Ok(Some(f)) => return std::task::Poll::Ready(Some(Ok(f))),
-                Ok(None) => {}
-                Err(e) => return std::task::Poll::Ready(Some(Err(e))),
-            }
-            match this.fd.poll_read_ready(cx) {
-                std::task::Poll::Ready(Ok(mut guard)) => {
-                    // Consume below; epoll reports again when new data
-                    // arrives after we drained the ring.
-                    guard.clear_ready();
-                }
-                std::task::Poll::Ready(Err(e)) => {
-                    return std::task::Poll::Ready(Some(Err(Error::io(
-                        "waiting on",
-                        "the flow ring buffer",
-                        e,
-                    ))))
-                }
-                std::task::Poll::Pending => return std::task::Poll::Pending,
-            }
-        }
+        crate::ring::poll_ring(&mut this.reader.ring, &this.fd, cx)
+            .map(|o| o.map(|r| r.map(|ev| this.reader.to_flow(&ev))))
     }
 }
 

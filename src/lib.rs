@@ -24,6 +24,7 @@
 
 pub mod abi;
 mod attach;
+pub mod auth;
 pub mod bpffs;
 pub mod cgroup;
 mod datapath;
@@ -33,12 +34,16 @@ mod maps;
 pub mod net;
 pub mod policy;
 mod probe;
+mod ring;
 mod skel;
 mod stats;
 mod sys;
 mod xdp;
 
 pub use attach::CgroupAttachment;
+#[cfg(feature = "tokio")]
+pub use auth::AuthSignalStream;
+pub use auth::{AuthKey, AuthSignal, AuthSignalReader, CertInfo};
 pub use datapath::{AttachOptions, Datapath, DatapathOptions, PortSide};
 pub use error::{Error, Result};
 #[cfg(feature = "tokio")]

@@ -61,6 +61,14 @@ pub struct Counters {
     pub events_lost: u64,
     /// Packets folded into an earlier flow event (aggregation).
     pub events_aggregated: u64,
+    /// `auth` flows that found a live authentication.
+    pub auth_ok: u64,
+    /// Auth-required signals sent to the agent.
+    pub auth_signals: u64,
+    /// Signals not sent: one for the same pair went out recently.
+    pub auth_signals_deduplicated: u64,
+    /// Signals not sent: the rate limit, or a full ring.
+    pub auth_signals_dropped: u64,
 }
 
 impl Counters {
@@ -100,6 +108,10 @@ impl Counters {
             ("policy_resets", self.policy_resets),
             ("events_lost", self.events_lost),
             ("events_aggregated", self.events_aggregated),
+            ("auth_ok", self.auth_ok),
+            ("auth_signals", self.auth_signals),
+            ("auth_signals_deduplicated", self.auth_signals_deduplicated),
+            ("auth_signals_dropped", self.auth_signals_dropped),
         ]
         .into_iter()
     }
@@ -199,7 +211,7 @@ impl Point {
         Point::Xdp,
     ];
 
-    fn index(self) -> u32 {
+    pub(crate) fn index(self) -> u32 {
         (match self {
             Point::Connect => PointId::MP_POINT_CONNECT,
             Point::Sendmsg => PointId::MP_POINT_SENDMSG,
@@ -381,6 +393,10 @@ pub(crate) fn read(maps: &MapSet) -> Result<Counters> {
         policy_resets: get(CounterId::MP_C_POLICY_RESET)?,
         events_lost: get(CounterId::MP_C_EVENTS_LOST)?,
         events_aggregated: get(CounterId::MP_C_EVENTS_AGGREGATED)?,
+        auth_ok: get(CounterId::MP_C_AUTH_OK)?,
+        auth_signals: get(CounterId::MP_C_AUTH_SIGNALS)?,
+        auth_signals_deduplicated: get(CounterId::MP_C_AUTH_SIGNALS_DEDUP)?,
+        auth_signals_dropped: get(CounterId::MP_C_AUTH_SIGNALS_DROPPED)?,
     })
 }
 

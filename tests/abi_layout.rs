@@ -147,7 +147,8 @@ fn sock_state_layout() {
                 verdict,
                 tracked,
                 rcv_nxt0,
-                policy_gen
+                policy_gen,
+                auth_expiry_ns
             ]
         ),
     );
@@ -169,7 +170,9 @@ fn settings_layout() {
                 events,
                 pad0,
                 pad1,
-                event_interval_ms
+                event_interval_ms,
+                auth_signal_interval_ms,
+                auth_signal_rate
             ]
         ),
     );
@@ -184,7 +187,7 @@ fn lpm_key_layout() {
 fn endpoint_layout() {
     check(
         "mp_endpoint",
-        rust_layout!(meshpath::abi::EndpointValue, [identity, flags]),
+        rust_layout!(meshpath::abi::EndpointValue, [identity, node]),
     );
 }
 
@@ -250,6 +253,29 @@ fn flow_event_layout() {
                 pad0
             ]
         ),
+    );
+}
+
+#[test]
+fn auth_layouts() {
+    check(
+        "mp_auth_key",
+        rust_layout!(
+            meshpath::abi::AuthKey,
+            [local_id, remote_id, remote_node, pad]
+        ),
+    );
+    check(
+        "mp_auth_value",
+        rust_layout!(meshpath::abi::AuthValue, [expiry_ns]),
+    );
+    check(
+        "mp_auth_signal",
+        rust_layout!(meshpath::abi::AuthSignal, [time_ns, key, point, pad]),
+    );
+    check(
+        "mp_cert_info",
+        rust_layout!(meshpath::abi::CertInfo, [not_after, serial_len, serial]),
     );
 }
 

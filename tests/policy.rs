@@ -136,8 +136,13 @@ fn allowed_pairs_talk_and_denied_pairs_get_eperm() {
         assert!(is_eperm(&connect_from("127.0.0.4", db_addr)), "cache -> db");
         // Audit: passes, counted as a would-be drop.
         roundtrip(connect_from("127.0.0.4", fe_addr).expect("audit passes"));
-        // Auth: no authentication yet, so denied.
-        assert!(is_eperm(&connect_from("127.0.0.2", cache_addr)), "auth");
+        // Auth: no authentication yet: held back (the SYN is dropped until
+        // the agent authenticates the pair; tests/auth.rs), not refused.
+        let held = connect_from_within("127.0.0.2", cache_addr, Duration::from_millis(700));
+        assert!(
+            matches!(&held, Err(e) if e.kind() == ErrorKind::TimedOut),
+            "auth: {held:?}"
+        );
     });
     srv.join().unwrap();
     fe_srv.join().unwrap();
@@ -146,6 +151,10 @@ fn allowed_pairs_talk_and_denied_pairs_get_eperm() {
     assert_eq!(v.get(Point::Connect, Verdict::Deny), 2, "{v:?}");
     assert!(v.get(Point::Connect, Verdict::Audit) >= 1, "{v:?}");
     assert_eq!(v.get(Point::Connect, Verdict::AuthRequired), 1, "{v:?}");
+    assert!(
+        v.get(Point::Egress, Verdict::AuthRequired) >= 1,
+        "the SYN is held: {v:?}"
+    );
     assert!(
         env.counters().since(&c0).msgs_redirected >= 2,
         "allowed flows are short-circuited"

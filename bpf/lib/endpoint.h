@@ -50,10 +50,13 @@ struct {
 	__type(value, struct mp_identity_name);
 } meshpath_identities SEC(".maps");
 
-/* The identity of a 16-byte (v4-mapped) address in the given epoch. */
-MP_ALWAYS_INLINE __u32 mp_identity_of(__u64 word, const __u32 addr[4])
+/* The endpoint of a 16-byte (v4-mapped) address in the given epoch: its
+ * identity (MP_ID_WORLD when no prefix covers it) and node. */
+MP_ALWAYS_INLINE struct mp_endpoint mp_endpoint_of(__u64 word,
+						   const __u32 addr[4])
 {
 	struct mp_lpm_key k = {.prefixlen = 128};
+	struct mp_endpoint out = {.identity = MP_ID_WORLD};
 	struct mp_endpoint *e;
 
 	k.addr[0] = addr[0];
@@ -64,7 +67,15 @@ MP_ALWAYS_INLINE __u32 mp_identity_of(__u64 word, const __u32 addr[4])
 		e = bpf_map_lookup_elem(&meshpath_endpoints_1, &k);
 	else
 		e = bpf_map_lookup_elem(&meshpath_endpoints_0, &k);
-	return e ? e->identity : MP_ID_WORLD;
+	if (e)
+		out = *e;
+	return out;
+}
+
+/* The identity alone. */
+MP_ALWAYS_INLINE __u32 mp_identity_of(__u64 word, const __u32 addr[4])
+{
+	return mp_endpoint_of(word, addr).identity;
 }
 
 #endif /* MESHPATH_BPF_ENDPOINT_H */

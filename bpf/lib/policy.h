@@ -19,6 +19,7 @@
 #ifndef MESHPATH_BPF_POLICY_H
 #define MESHPATH_BPF_POLICY_H
 
+#include "auth.h"
 #include "common.h"
 #include "endpoint.h"
 #include "settings.h"
@@ -195,60 +196,114 @@ MP_ALWAYS_INLINE bool mp_verdict_passes(__u32 verdict)
 	return verdict == MP_V_ALLOW || verdict == MP_V_AUDIT;
 }
 
+/* Which end of a flow is the workload on this node (for `auth`). */
+enum mp_local_end {
+	MP_LOCAL_SRC = 0, /* connect, sendmsg, egress, a connecting socket */
+	MP_LOCAL_DST = 1, /* ingress, XDP, an accepting socket */
+};
+
 /* A judgement with what flow events report about it. */
 struct mp_judgement {
 	__u32 src_id;
 	__u32 dst_id;
+	__u32 src_node;
+	__u32 dst_node;
 	__u32 rule;    /* the deciding rule, if matched */
 	__u8 verdict;  /* enum mp_verdict */
 	__u8 matched;  /* a rule decided (not the default action) */
 	__u8 is_reply; /* passed as a reply in an allowed flow */
 	__u8 pad;
+	__u64 auth_expiry; /* an `auth` rule passed: until then (ns) */
 };
 
+/*
+ * The verdict of an action for the flow src -> dst: `auth` passes only
+ * with a live entry for (local identity, remote identity, remote node),
+ * which `local` tells apart; otherwise it signals the agent (rate-limited)
+ * and drops.
+ */
+MP_ALWAYS_INLINE __u32 mp_verdict_for(__u8 action, __u32 point, __u32 local,
+				      __u32 src, __u32 dst, __u32 src_node,
+				      __u32 dst_node, __u64 *auth_expiry)
+{
+	struct mp_auth_key k = {};
+
+	if (action != MP_ACTION_AUTH)
+		return mp_verdict_of(action);
+	if (local == MP_LOCAL_SRC) {
+		k.local_id = src;
+		k.remote_id = dst;
+		k.remote_node = dst_node;
+	} else {
+		k.local_id = dst;
+		k.remote_id = src;
+		k.remote_node = src_node;
+	}
+	*auth_expiry = mp_auth_expiry(&k);
+	if (*auth_expiry) {
+		mp_count(MP_C_AUTH_OK);
+		return MP_V_ALLOW;
+	}
+	mp_auth_signal(&k, point);
+	return MP_V_AUTH_REQUIRED;
+}
+
 /* Judges a flow from src to dst (16-byte addresses) on proto/dport,
- * uncounted; MP_V_ALLOW with policy off. */
-MP_ALWAYS_INLINE void mp_policy_judge_j(__u64 word, const __u32 saddr[4],
+ * uncounted; MP_V_ALLOW with policy off.  `point` is only recorded in an
+ * auth signal. */
+MP_ALWAYS_INLINE void mp_policy_judge_j(__u64 word, __u32 point, __u32 local,
+					const __u32 saddr[4],
 					const __u32 daddr[4], __u8 proto,
 					__u16 dport, struct mp_judgement *j)
 {
+	struct mp_endpoint se, de;
 	struct mp_decision d;
 
 	j->is_reply = 0;
+	j->auth_expiry = 0;
 	if (!mp_policy_on(word)) {
 		j->verdict = MP_V_ALLOW;
 		j->matched = 0;
 		j->rule = 0;
 		j->src_id = j->dst_id = MP_ID_ANY;
+		j->src_node = j->dst_node = 0;
 		return;
 	}
-	j->src_id = mp_identity_of(word, saddr);
-	j->dst_id = mp_identity_of(word, daddr);
+	se = mp_endpoint_of(word, saddr);
+	de = mp_endpoint_of(word, daddr);
+	j->src_id = se.identity;
+	j->dst_id = de.identity;
+	j->src_node = se.node;
+	j->dst_node = de.node;
 	d = mp_policy_decide(word, j->src_id, j->dst_id, proto, dport);
-	j->verdict = mp_verdict_of(d.action);
+	j->verdict =
+	    mp_verdict_for(d.action, point, local, j->src_id, j->dst_id,
+			   j->src_node, j->dst_node, &j->auth_expiry);
 	j->matched = d.matched;
 	j->rule = d.rule;
 }
 
 /* The verdict alone of mp_policy_judge_j. */
-MP_ALWAYS_INLINE __u32 mp_policy_judge(__u64 word, const __u32 saddr[4],
+MP_ALWAYS_INLINE __u32 mp_policy_judge(__u64 word, __u32 point, __u32 local,
+				       const __u32 saddr[4],
 				       const __u32 daddr[4], __u8 proto,
 				       __u16 dport)
 {
 	struct mp_judgement j;
 
-	mp_policy_judge_j(word, saddr, daddr, proto, dport, &j);
+	mp_policy_judge_j(word, point, local, saddr, daddr, proto, dport, &j);
 	return j.verdict;
 }
 
 /* mp_policy_judge, counted at `point` (nothing is counted with policy
  * off). */
-MP_ALWAYS_INLINE __u32 mp_policy_flow(__u64 word, __u32 point,
+MP_ALWAYS_INLINE __u32 mp_policy_flow(__u64 word, __u32 point, __u32 local,
 				      const __u32 saddr[4],
 				      const __u32 daddr[4], __u8 proto,
 				      __u16 dport)
 {
-	__u32 verdict = mp_policy_judge(word, saddr, daddr, proto, dport);
+	__u32 verdict =
+	    mp_policy_judge(word, point, local, saddr, daddr, proto, dport);
 
 	if (mp_policy_on(word))
 		mp_verdict_count(point, verdict);
@@ -260,34 +315,41 @@ MP_ALWAYS_INLINE __u32 mp_policy_flow(__u64 word, __u32 point,
  * tracking: it passes when the flow it starts is allowed (saddr ->
  * daddr:dport), or when it can be a reply in a flow that is (daddr ->
  * saddr:sport).  A TCP SYN without ACK only starts flows.  ICMP has no
- * ports (0): an echo reply passes when the echo request would.  Counted
- * at `point`.
+ * ports (0): an echo reply passes when the echo request would.  `local`
+ * says which end of the packet is on this node.  Counted at `point`.
  */
 MP_ALWAYS_INLINE void
-mp_policy_packet_j(__u64 word, __u32 point, const __u32 saddr[4],
+mp_policy_packet_j(__u64 word, __u32 point, __u32 local, const __u32 saddr[4],
 		   const __u32 daddr[4], __u8 proto, __u16 sport, __u16 dport,
 		   bool starts_only, struct mp_judgement *j)
 {
 	struct mp_decision rev;
+	__u64 rev_expiry = 0;
+	__u32 v;
 
-	mp_policy_judge_j(word, saddr, daddr, proto, dport, j);
+	mp_policy_judge_j(word, point, local, saddr, daddr, proto, dport, j);
 	if (!mp_policy_on(word))
 		return;
 	if (!mp_verdict_passes(j->verdict) && !starts_only) {
 		rev =
 		    mp_policy_decide(word, j->dst_id, j->src_id, proto, sport);
-		if (mp_verdict_passes(mp_verdict_of(rev.action))) {
-			j->verdict = mp_verdict_of(rev.action);
+		/* In the reply's flow the ends swap: so does the local one. */
+		v = mp_verdict_for(rev.action, point, local ^ 1, j->dst_id,
+				   j->src_id, j->dst_node, j->src_node,
+				   &rev_expiry);
+		if (mp_verdict_passes(v)) {
+			j->verdict = v;
 			j->matched = rev.matched;
 			j->rule = rev.rule;
 			j->is_reply = 1;
+			j->auth_expiry = rev_expiry;
 		}
 	}
 	mp_verdict_count(point, j->verdict);
 }
 
 /* The verdict alone of mp_policy_packet_j. */
-MP_ALWAYS_INLINE __u32 mp_policy_packet(__u64 word, __u32 point,
+MP_ALWAYS_INLINE __u32 mp_policy_packet(__u64 word, __u32 point, __u32 local,
 					const __u32 saddr[4],
 					const __u32 daddr[4], __u8 proto,
 					__u16 sport, __u16 dport,
@@ -295,25 +357,29 @@ MP_ALWAYS_INLINE __u32 mp_policy_packet(__u64 word, __u32 point,
 {
 	struct mp_judgement j;
 
-	mp_policy_packet_j(word, point, saddr, daddr, proto, sport, dport,
-			   starts_only, &j);
+	mp_policy_packet_j(word, point, local, saddr, daddr, proto, sport,
+			   dport, starts_only, &j);
 	return j.verdict;
 }
 
 /*
- * The verdict for the TCP flow of the socket keyed `k`, as policy sees
- * it: from the connecting end to the accepting end's port, whichever end
- * asks (`client`: the socket connected).  Uncounted.
+ * Judges the TCP flow of the socket keyed `k`, as policy sees it: from the
+ * connecting end to the accepting end's port, whichever end asks
+ * (`client`: the socket connected; the asking end is the local one for
+ * `auth`).  Uncounted.
  */
-MP_ALWAYS_INLINE __u32 mp_policy_sock_flow(__u64 word,
-					   const struct mp_sock_key *k,
-					   bool client)
+MP_ALWAYS_INLINE void mp_policy_sock_flow_j(__u64 word,
+					    const struct mp_sock_key *k,
+					    bool client, struct mp_judgement *j)
 {
 	if (client)
-		return mp_policy_judge(word, k->local_ip, k->remote_ip,
-				       MP_PROTO_TCP, k->remote_port);
-	return mp_policy_judge(word, k->remote_ip, k->local_ip, MP_PROTO_TCP,
-			       k->local_port);
+		mp_policy_judge_j(word, MP_POINT_SHORTCIRCUIT, MP_LOCAL_SRC,
+				  k->local_ip, k->remote_ip, MP_PROTO_TCP,
+				  k->remote_port, j);
+	else
+		mp_policy_judge_j(word, MP_POINT_SHORTCIRCUIT, MP_LOCAL_DST,
+				  k->remote_ip, k->local_ip, MP_PROTO_TCP,
+				  k->local_port, j);
 }
 
 #endif /* MESHPATH_BPF_POLICY_H */

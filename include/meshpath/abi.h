@@ -93,6 +93,10 @@ struct mp_sock_state {
 	__u8 tracked;	   /* 1: established in an attached cgroup */
 	__u32 rcv_nxt0;	   /* rcv_nxt at enrollment: TCP payload if moved */
 	__u32 policy_gen;  /* policy generation the verdict was reached at */
+	/* For a flow an `auth` rule allows: when its authentication expires
+	 * (CLOCK_MONOTONIC ns); the verdict is judged again after.  0: not
+	 * an authenticated flow. */
+	__u64 auth_expiry_ns;
 };
 
 /*
@@ -163,7 +167,11 @@ enum mp_counter {
 	MP_C_SOCK_EVICTED, /* sockets that left the map, both ways TCP */
 	MP_C_POLICY_RESET, /* established flows reset: policy now denies */
 	MP_C_EVENTS_LOST,  /* flow events the ring buffer had no room for */
-	MP_C_EVENTS_AGGREGATED, /* packets folded into an earlier event */
+	MP_C_EVENTS_AGGREGATED,	   /* packets folded into an earlier event */
+	MP_C_AUTH_OK,		   /* auth flows that found a live entry */
+	MP_C_AUTH_SIGNALS,	   /* auth-required signals sent */
+	MP_C_AUTH_SIGNALS_DEDUP,   /* ... not sent: one for the key is recent */
+	MP_C_AUTH_SIGNALS_DROPPED, /* ... not sent: rate limit or ring full */
 	MP_C_MAX,
 };
 
@@ -183,6 +191,10 @@ struct mp_settings {
 	__u16 pad1;
 	__u32 event_interval_ms; /* packet events: at most one per flow key
 				    and verdict per interval, with a count */
+	__u32 auth_signal_interval_ms; /* one auth-required signal per key
+					  per interval */
+	__u32 auth_signal_rate; /* at most this many signals per second and
+				   CPU; the rest are counted and dropped */
 };
 
 /*
@@ -232,7 +244,8 @@ struct mp_identity_name {
  * mp_lpm_key): the identity of the addresses under the prefix. */
 struct mp_endpoint {
 	__u32 identity;
-	__u32 flags; /* reserved, 0 */
+	__u32 node; /* the node it runs on (src/policy: node_number), 0: this
+		       node */
 };
 
 /* Protocols in policy keys: IANA numbers; ICMPv6 is keyed as ICMP. */
@@ -307,6 +320,43 @@ enum mp_verdict {
 };
 
 /* ---------------------------------------------------------------------
+ * Authentication: meshpath_auth holds the pairs of identities that have
+ * proven themselves with mutual TLS between node agents, until an expiry.
+ * ------------------------------------------------------------------- */
+
+/* Key of meshpath_auth (HASH), and what an auth-required signal asks
+ * for.  Local is the identity of the workload on this node. */
+struct mp_auth_key {
+	__u32 local_id;
+	__u32 remote_id;
+	__u32 remote_node; /* 0: a workload on this node too */
+	__u32 pad;
+};
+
+/* Value of meshpath_auth. */
+struct mp_auth_value {
+	__u64 expiry_ns; /* CLOCK_MONOTONIC (bpf_ktime_get_ns): fail closed
+			    after it */
+};
+
+/* Records of meshpath_auth_signals (RINGBUF): an `auth` flow found no
+ * live entry. */
+struct mp_auth_signal {
+	__u64 time_ns;
+	struct mp_auth_key key;
+	__u32 point; /* enum mp_point */
+	__u32 pad;
+};
+
+/* Value of meshpath_certs (HASH keyed by __u32 local identity): the
+ * certificate that proves a local identity, for the agent and observers. */
+struct mp_cert_info {
+	__u64 not_after;  /* seconds since the Unix epoch */
+	__u32 serial_len; /* bytes of serial used */
+	__u8 serial[20];  /* big-endian, as in the certificate */
+};
+
+/* ---------------------------------------------------------------------
  * Flow events: meshpath_events is a RINGBUF of struct mp_flow_event.
  * ------------------------------------------------------------------- */
 enum mp_event_type {
@@ -370,7 +420,8 @@ struct mp_abi_anchor {
 	enum mp_verdict verdict;
 	enum mp_event_type event_type;
 	enum mp_traffic_direction traffic_direction;
-	struct mp_flow_event flow_event; /* not in any map: anchored here */
+	struct mp_flow_event flow_event;   /* not in any map: anchored here */
+	struct mp_auth_signal auth_signal; /* ditto */
 	enum mp_sock_flags sock_flags;
 	enum mp_bypass_flags bypass_flags;
 	enum mp_counter counter;

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::AsFd;
 
 pub use identity::{derive_number, Identity, IdentityMap, SpiffeId};
-pub use model::{Action, DefaultAction, Endpoint, Peer, PolicyState, Protocol, Rule};
+pub use model::{Action, DefaultAction, Endpoint, NodeName, Peer, PolicyState, Protocol, Rule};
 
 use crate::abi::{self, EndpointValue, IdentityName, LpmKey, PolicyKey, PolicyValue};
 use crate::datapath::{read_settings, Datapath};
@@ -82,6 +82,17 @@ impl Datapath {
         })?;
         slot.state = None;
         Ok(())
+    }
+
+    /// Starts a new policy generation without changing the rules:
+    /// short-circuited flows judge themselves again at their next message
+    /// (after an authentication was revoked, for instance).
+    pub(crate) fn bump_policy_generation(&self) -> Result<()> {
+        let _slot = self.lock_policy();
+        self.update_settings(|s| {
+            let (gen, on, default, epoch) = abi::policy_word_parts(s.policy);
+            s.policy = abi::policy_word(gen.wrapping_add(1), on, default, epoch);
+        })
     }
 
     /// Adds or replaces the endpoint for `endpoint.ip` (starting from an
@@ -385,21 +396,21 @@ fn sync_epoch(maps: &MapSet, epoch: u32, c: &Compiled) -> Result<PolicyChange> {
         ("meshpath_endpoints_1", "meshpath_policy_1")
     };
     let eps = maps.typed::<LpmKey, EndpointValue>(ep_name)?;
-    let mut have: BTreeMap<(u32, [u32; 4]), u32> = BTreeMap::new();
+    let mut have: BTreeMap<(u32, [u32; 4]), (u32, u32)> = BTreeMap::new();
     for k in eps.keys()? {
         if let Some(v) = eps.lookup(&k)? {
-            have.insert((k.prefixlen, k.addr), v.identity);
+            have.insert((k.prefixlen, k.addr), (v.identity, v.node));
         }
     }
-    for ((plen, addr), id) in &c.endpoints {
-        if have.get(&(*plen, *addr)) != Some(id) {
+    for ((plen, addr), (id, node)) in &c.endpoints {
+        if have.get(&(*plen, *addr)) != Some(&(*id, *node)) {
             let k = LpmKey {
                 prefixlen: *plen,
                 addr: *addr,
             };
             let v = EndpointValue {
                 identity: *id,
-                flags: 0,
+                node: *node,
             };
             eps.update(&k, &v, || {
                 format!("endpoint {}/{plen}", abi::words_to_ip(*addr))

@@ -201,15 +201,67 @@ pub struct Endpoint {
     pub ip: IpNet,
     /// Its identity.
     pub identity: Identity,
+    /// The node it runs on (`None`: this node). Mutual authentication of
+    /// `auth` flows is between node agents.
+    pub node: Option<NodeName>,
 }
 
 impl Endpoint {
-    /// Parses an endpoint from its config strings.
+    /// Parses an endpoint on this node from its config strings.
     pub fn new(ip: &str, identity: &str) -> Result<Endpoint> {
         Ok(Endpoint {
             ip: ip.parse()?,
             identity: identity.parse()?,
+            node: None,
         })
+    }
+
+    /// The same endpoint on node `node`.
+    pub fn on_node(mut self, node: NodeName) -> Endpoint {
+        self.node = Some(node);
+        self
+    }
+}
+
+/// A node's name: 1 to 63 characters of lowercase letters, digits, `.`
+/// and `-` (a DNS label or name). Its number, used in auth keys, is
+/// derived from it the same way on every node (see [`NodeName::number`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeName(String);
+
+impl NodeName {
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The node's number: derived like identity numbers (FNV-1a, folded),
+    /// from `meshpath-node:<name>`, so never 0 (0 means "this node").
+    pub fn number(&self) -> u32 {
+        super::identity::derive_number(&format!("meshpath-node:{}", self.0))
+    }
+}
+
+impl FromStr for NodeName {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let ok = !s.is_empty()
+            && s.len() <= 63
+            && s.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-');
+        if !ok {
+            return Err(Error::invalid(
+                "node",
+                format!("{s:?} must be 1-63 lowercase letters, digits, '.' or '-'"),
+            ));
+        }
+        Ok(NodeName(s.to_string()))
+    }
+}
+
+impl fmt::Display for NodeName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
     }
 }
 
@@ -256,8 +308,9 @@ pub struct PolicyState {
 /// A policy state as the datapath keys it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Compiled {
-    /// (prefix length over 128 bits, address words) -> identity number.
-    pub endpoints: BTreeMap<(u32, [u32; 4]), u32>,
+    /// (prefix length over 128 bits, address words) -> (identity number,
+    /// node number).
+    pub endpoints: BTreeMap<(u32, [u32; 4]), (u32, u32)>,
     /// Policy key bytes -> (action, rule number).
     pub rules: BTreeMap<[u8; 12], (u8, u32)>,
     /// Bit set of the key shapes in use.
@@ -288,15 +341,20 @@ impl PolicyState {
                 .insert(&ep.identity)
                 .map_err(|e| field(format!("endpoints[{i}].identity"), e))?;
             let key = (ep.ip.mapped_prefix_len(), abi::ip_to_words(ep.ip.addr()));
+            let node = ep.node.as_ref().map_or(0, NodeName::number);
+            let value = (id, node);
             if let Some(j) = seen_prefix.insert(key, i) {
-                if c.endpoints.get(&key) != Some(&id) {
+                if c.endpoints.get(&key) != Some(&value) {
                     return Err(Error::invalid(
                         format!("endpoints[{i}].ip"),
-                        format!("{} is already endpoints[{j}] with another identity", ep.ip),
+                        format!(
+                            "{} is already endpoints[{j}] with another identity or node",
+                            ep.ip
+                        ),
                     ));
                 }
             }
-            c.endpoints.insert(key, id);
+            c.endpoints.insert(key, value);
         }
         for (i, r) in self.policies.iter().enumerate() {
             let side = |p: &Peer, name: &str, c: &mut Compiled| -> Result<u32> {
