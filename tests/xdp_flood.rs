@@ -778,3 +778,69 @@ fn with_a_one_page_ring_and_no_aggregation_every_event_is_read_or_counted_lost()
     drop(reader);
     drop(att);
 }
+
+#[test]
+fn with_events_off_nothing_is_reported_and_aggregated_events_read_afterwards_add_up() {
+    let _serial = serial();
+    let v = Veth::new("off");
+    let dp = load(DatapathOptions::default().event_interval(INTERVAL));
+    let att = v.attach(&dp);
+    let denied = udp_in(&v.server, addr(SERVER_IP, 0));
+    let to = denied.local_addr().unwrap();
+    dp.replace_policy(&policy(1)).unwrap();
+    let flooder = Flooder::new(&v, to);
+
+    // Events off (no reader was ever opened): nothing built, nothing
+    // counted, nothing in the ring.
+    let events0 = EventCounts::read(&dp);
+    let deny0 = xdp(&dp, Verdict::Deny);
+    let dropped0 = v.client_tx_dropped();
+    let f = flood(&dp, &flooder, deny0);
+    f.report(
+        "flood with events off (native XDP)",
+        v.client_tx_dropped() - dropped0,
+    );
+    let ev = EventCounts::read(&dp).since(events0);
+    assert_eq!(
+        ev,
+        EventCounts {
+            lost: 0,
+            aggregated: 0
+        },
+        "events off"
+    );
+    let mut reader = dp.flows().expect("opening the flow reader");
+    let stale = drain_now(&mut reader);
+    assert!(stale.is_empty(), "events off, yet in the ring: {stale:#?}");
+
+    // Events on (the reader is open), aggregated, nothing read until the
+    // flood is over: the few events wait in the ring.
+    let events0 = EventCounts::read(&dp);
+    let deny0 = xdp(&dp, Verdict::Deny);
+    let dropped0 = v.client_tx_dropped();
+    let f = flood(&dp, &flooder, deny0);
+    f.report(
+        "flood with events on, aggregated, read afterwards (native XDP)",
+        v.client_tx_dropped() - dropped0,
+    );
+    std::thread::sleep(INTERVAL + Duration::from_millis(100));
+    flooder.send(1);
+    let denies = settled_denies(&dp) - deny0;
+    let flows = drain_now(&mut reader);
+    let ev = EventCounts::read(&dp).since(events0);
+    let read = flows.len() as u64;
+    let counted: u64 = flows.iter().map(|f| u64::from(f.count)).sum();
+    eprintln!(
+        "{denies} denied packets: {read} events read afterwards (counts add up to {counted}), \
+         events_aggregated +{}, events_lost +{}",
+        ev.aggregated, ev.lost
+    );
+    assert_eq!(denies, TARGET + 1);
+    assert_flood_events(&flows, att.ifindex(), to);
+    assert_eq!(ev.lost, 0, "a few events fit in the ring");
+    assert_eq!(denies, read + ev.aggregated + ev.lost);
+    assert_eq!(counted, denies);
+    assert_nothing_delivered(&denied);
+    drop(reader);
+    drop(att);
+}
