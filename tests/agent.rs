@@ -1,4 +1,4 @@
-//! The agent's command-line contract (`examples/agent.rs`):
+//! The agent's command-line contract (`examples/agent/`):
 //!
 //! * `agent --cgroup DIR` prints one line containing `ready`, short-circuits
 //!   TCP of that cgroup while it runs, and exits 0 on SIGTERM or SIGINT;
@@ -72,13 +72,16 @@ fn agent_bin() -> &'static Path {
         let deps = exe.parent().expect("test executable has a directory");
         let profile_dir = deps.parent().expect("deps/ has a parent");
         let bin = profile_dir.join("examples").join("agent");
-        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/agent.rs");
+        let sources = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/agent");
         let mtime = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok();
         let stale = match mtime(&bin) {
             None => true,
             Some(built) => {
                 let newer = |p: &Path| mtime(p).is_some_and(|t: SystemTime| t > built);
-                newer(&exe) || newer(&source)
+                newer(&exe)
+                    || fs::read_dir(&sources)
+                        .map(|d| d.flatten().any(|e| newer(&e.path())))
+                        .unwrap_or(true)
             }
         };
         if stale {

@@ -1,0 +1,140 @@
+//! The command line: [`Args`], its value parsers, and clap errors as one
+//! line.
+//!
+//! The command line is a contract other tools depend on: flag names are
+//! stable, and new flags are added as new fields of [`Args`].
+
+use std::path::PathBuf;
+
+use clap::{ColorChoice, Parser};
+use meshpath::{IpNet, XdpMode};
+
+// The agent's command line.
+//
+// Flags planned for later (`--node`,
+// `--auth-listen`, `--peers`, `--cert`, `--key`, `--ca`,
+// `--metrics ADDR:PORT`, `--flows[=json]`, `--cleanup`) are added here as
+// fields; everything downstream reads this struct only.
+#[derive(Debug, Parser)]
+#[command(
+    name = "agent",
+    version,
+    about = "meshpath node agent: short-circuits same-host TCP for processes in the given cgroup v2 directories",
+    long_about = None,
+    override_usage = "agent --cgroup DIR [--cgroup DIR ...] [--pin DIR] [--config FILE.json] [--xdp IFACE ...] [OPTIONS]",
+    color = ColorChoice::Never
+)]
+pub(crate) struct Args {
+    /// cgroup v2 directory to attach to (repeatable).
+    #[arg(long = "cgroup", value_name = "DIR")]
+    pub(crate) cgroups: Vec<PathBuf>,
+
+    /// bpffs directory to pin the maps in, so a restarted agent adopts them.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) pin: Option<PathBuf>,
+
+    /// Keep connections to or from PORT on plain TCP (repeatable).
+    #[arg(long = "bypass-port", value_name = "PORT", value_parser = parse_port)]
+    pub(crate) bypass_ports: Vec<u16>,
+
+    /// Addresses of workloads on this host in other network namespaces,
+    /// as a CIDR (repeatable); loopback is always local.
+    #[arg(long = "local-net", value_name = "CIDR", value_parser = parse_net)]
+    pub(crate) local_nets: Vec<IpNet>,
+
+    /// Capacity of the socket maps (two entries per connection).
+    #[arg(
+        long = "max-sockets",
+        value_name = "N",
+        value_parser = clap::value_parser!(u32).range(2..=16_777_216)
+    )]
+    pub(crate) max_sockets: Option<u32>,
+
+    /// Attach, but enroll no socket: every connection stays on TCP.
+    #[arg(long = "no-short-circuit")]
+    pub(crate) no_short_circuit: bool,
+
+    /// Allow attaching to the root of the cgroup v2 hierarchy (every
+    /// process on the host).
+    #[arg(long = "allow-root-cgroup")]
+    pub(crate) allow_root_cgroup: bool,
+
+    /// Print the datapath counters as one line every SECS seconds.
+    #[arg(
+        long = "stats-interval",
+        value_name = "SECS",
+        value_parser = clap::value_parser!(u64).range(1..=86_400)
+    )]
+    pub(crate) stats_interval: Option<u64>,
+
+    /// Identity policy to enforce (JSON; re-read on SIGHUP). Without it
+    /// everything is allowed.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
+
+    /// After every policy (re)load also reset the flows it denies in the
+    /// network namespace at PATH, e.g. /run/netns/NAME (repeatable).
+    #[arg(long = "policy-reset-netns", value_name = "PATH", requires = "config")]
+    pub(crate) policy_reset_netns: Vec<PathBuf>,
+
+    /// Also judge every packet network interface IFACE receives, in XDP,
+    /// by the policy (repeatable).
+    #[arg(long = "xdp", value_name = "IFACE")]
+    pub(crate) xdp: Vec<String>,
+
+    /// How to attach --xdp: auto (native where the driver supports it,
+    /// generic otherwise), native or generic.
+    #[arg(
+        long = "xdp-mode",
+        value_name = "MODE",
+        default_value = "auto",
+        value_parser = parse_xdp_mode,
+        requires = "xdp"
+    )]
+    pub(crate) xdp_mode: XdpMode,
+}
+
+fn parse_port(s: &str) -> Result<u16, String> {
+    match s.trim().parse::<u16>() {
+        Ok(0) => Err("0 is not a port (use 1-65535)".into()),
+        Ok(p) => Ok(p),
+        Err(_) => Err(format!("{s:?} is not a port number (use 1-65535)")),
+    }
+}
+
+fn parse_xdp_mode(s: &str) -> Result<XdpMode, String> {
+    match s {
+        "auto" => Ok(XdpMode::Auto),
+        "native" => Ok(XdpMode::Native),
+        "generic" => Ok(XdpMode::Generic),
+        _ => Err(format!("{s:?} is not one of auto, native, generic")),
+    }
+}
+
+fn parse_net(s: &str) -> Result<IpNet, String> {
+    s.parse::<IpNet>().map_err(|e| e.to_string())
+}
+/// clap's error without its usage block and tips: the first line, less
+/// the `error: ` prefix.
+pub(crate) fn clap_one_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let first = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("invalid command line");
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    // "the following required arguments were not provided:" lists them on
+    // the next lines; keep the list.
+    if first.ends_with(':') {
+        let rest: Vec<&str> = text
+            .lines()
+            .skip_while(|l| l.trim() != first && !l.contains(first))
+            .skip(1)
+            .map(str::trim)
+            .take_while(|l| !l.is_empty())
+            .collect();
+        return format!("{first} {}", rest.join(" "));
+    }
+    first.to_string()
+}

@@ -1,0 +1,203 @@
+//! The reference node agent.
+//!
+//! ```text
+//! agent --cgroup DIR [--cgroup DIR2 ...] [--pin DIR] [--config FILE.json] [--xdp IFACE ...] [options]
+//! ```
+//!
+//! Loads the meshpath datapath, applies the policy of `--config` (if any),
+//! attaches to every `--cgroup` (and its XDP program to every `--xdp`
+//! interface), prints one line containing `ready` on
+//! stdout, and runs until SIGINT or SIGTERM, when it detaches and exits 0.
+//! Any error is one line on stderr (`agent: error: ...`) and exit status 1;
+//! problems the load-time probe found are `agent: warning: ...` lines on
+//! stderr.
+//!
+//! # Policy
+//!
+//! Without `--config` there is no policy: everything passes. With it, the
+//! agent enforces the JSON file's identity policy:
+//!
+//! ```json
+//! {
+//!   "default_action": "deny",
+//!   "endpoints": [ {"ip": "127.0.0.2", "identity": "spiffe://mesh.local/ns/shop/sa/frontend"},
+//!                  {"ip": "198.18.0.0/16", "identity": "spiffe://mesh.local/ns/db/sa/postgres"} ],
+//!   "policies": [ {"from": "spiffe://mesh.local/ns/shop/sa/frontend",
+//!                  "to": "spiffe://mesh.local/ns/db/sa/postgres",
+//!                  "protocol": "tcp", "ports": [5432], "action": "allow"} ]
+//! }
+//! ```
+//!
+//! `default_action` (`allow` or `deny`) is required; `endpoints` and
+//! `policies` may be left out (empty). An endpoint needs `ip` (an address
+//! or CIDR) and `identity` (a SPIFFE ID, `host` or `world`). A rule needs
+//! `from` and `to` (a SPIFFE ID, `*`, `host` or `world`), `protocol`
+//! (`tcp`, `udp`, `icmp` or `any`) and `action` (`allow`, `deny`, `audit`
+//! or `auth`); `ports` (1-65535) may be left out or empty: any port. Any
+//! other key is an error.
+//!
+//! On SIGHUP the agent re-reads the file and applies the difference
+//! atomically; established flows the new policy denies are reset (also in
+//! every `--policy-reset-netns`). After each successful (re)load it prints
+//! `agent: policy applied: generation N, E endpoints, R rules
+//! (+written/-removed entries), F flows reset` on stdout. A file that does
+//! not parse or validate is one `agent: error: config FILE: ...` line on
+//! stderr naming the field (e.g. `invalid policies[0].ports[1]: ...`): at
+//! startup the agent exits 1, on SIGHUP it keeps running and the policy in
+//! force stays exactly as it was.
+//!
+//! The command line is a contract other tools depend on: flag names are
+//! stable, and new flags are added as new fields of [`cli::Args`].
+//!
+//! # Layout
+//!
+//! This file only wires the modules together, one job each:
+//!
+//! * `cli`: the command line ([`cli::Args`]) and its parsers;
+//! * `config`: the JSON policy file and its translation to a
+//!   `PolicyState`, with errors naming the field;
+//! * `policy`: applying that state at startup and on SIGHUP;
+//! * `setup`: checking the cgroups, loading, attaching, sweeping;
+//! * `serve`: the main loop (signals, sweeps, `--stats-interval`);
+//! * `output`: one-line stdout/stderr messages.
+
+mod cli;
+mod config;
+mod output;
+mod policy;
+mod serve;
+mod setup;
+
+use std::fmt::Write as _;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::error::ErrorKind;
+use clap::Parser;
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+
+use cli::{clap_one_line, Args};
+use output::{one_line, say, warn};
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            // --help and --version go to stdout and succeed.
+            let _ = say(e.render().to_string().trim_end());
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("agent: error: {}; see agent --help", clap_one_line(&e));
+            return ExitCode::from(1);
+        }
+    };
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("agent: error: {}", one_line(&e));
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(args: &Args) -> anyhow::Result<()> {
+    if args.cgroups.is_empty() {
+        bail!("no cgroup given: pass --cgroup DIR (repeatable)");
+    }
+    let euid = nix::unistd::geteuid();
+    if !euid.is_root() {
+        bail!(
+            "must run as root (effective uid is {euid}): loading eBPF programs needs \
+             CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON"
+        );
+    }
+
+    // Block the signals we wait for before anything else can start a
+    // thread, so that every thread inherits the mask and a signal arriving
+    // at any point (even during load) is queued for the signalfd.
+    let signals = serve::handled_signals();
+    signals
+        .thread_block()
+        .context("blocking SIGINT, SIGTERM and SIGHUP")?;
+    let sigfd = SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+        .context("creating a signalfd")?;
+
+    let targets = setup::validate_cgroups(args)?;
+    // A config that does not parse or validate fails before anything is
+    // loaded.
+    let state = args
+        .config
+        .as_deref()
+        .map(config::load_config)
+        .transpose()?;
+    for ns in &args.policy_reset_netns {
+        std::fs::File::open(ns)
+            .with_context(|| format!("--policy-reset-netns {}", ns.display()))?;
+    }
+    let dp = setup::load_datapath(args)?;
+    setup::configure(&dp, args)?;
+    // The policy is in force before any cgroup is attached: no workload
+    // runs unchecked for a moment.
+    match (&args.config, state) {
+        (Some(path), Some(state)) => policy::apply_policy(&dp, path, &state, args, true)?,
+        _ => {
+            // No policy; a datapath adopted from --pin may still hold one.
+            dp.disable_policy().context("turning policy off")?;
+        }
+    }
+    let attachments = setup::attach(&dp, &targets, args)?;
+    // Kept alive like the cgroup attachments: dropping one detaches it.
+    let xdp = setup::attach_xdp(&dp, args)?;
+
+    let names: Vec<String> = attachments
+        .iter()
+        .map(|a| a.cgroup().display().to_string())
+        .collect();
+    let mut ready = format!(
+        "agent: ready: attached to {} cgroup{}: {}",
+        names.len(),
+        if names.len() == 1 { "" } else { "s" },
+        names.join(", ")
+    );
+    if !xdp.is_empty() {
+        let ifaces: Vec<String> = xdp
+            .iter()
+            .map(|x| format!("{} ({})", x.interface(), x.mode()))
+            .collect();
+        let _ = write!(ready, "; xdp on {}", ifaces.join(", "));
+    }
+    say(&ready).context("writing the ready line to stdout")?;
+
+    let signal = serve::serve(&sigfd, &dp, args)?;
+
+    for x in xdp {
+        let iface = x.interface().to_string();
+        if let Err(e) = x.detach() {
+            warn(&format!(
+                "detaching XDP from {iface}: {}",
+                one_line(&e.into())
+            ));
+        }
+    }
+    let n = attachments.len();
+    for a in attachments {
+        let path = a.cgroup().to_path_buf();
+        if let Err(e) = a.detach() {
+            eprintln!(
+                "agent: warning: detaching from {}: {}",
+                path.display(),
+                one_line(&e.into())
+            );
+        }
+    }
+    // Sockets of a detached cgroup get no close callback: drop their
+    // index entries now.
+    setup::sweep(&dp);
+    let _ = say(&format!(
+        "agent: {} received: detached from {n} cgroup{}, exiting",
+        signal.as_str(),
+        if n == 1 { "" } else { "s" }
+    ));
+    Ok(())
+}

@@ -1,0 +1,128 @@
+//! Setting the datapath up: checking the cgroups, loading, configuring,
+//! attaching (cgroups and XDP), and sweeping stale socket entries.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use meshpath::cgroup::{self, CgroupDir};
+use meshpath::{
+    AttachOptions, CgroupAttachment, Datapath, DatapathOptions, PortSide, XdpAttachment,
+};
+
+use crate::cli::Args;
+use crate::output::{one_line, warn};
+
+/// Opens every `--cgroup` before anything is loaded, so that a bad path
+/// fails fast and nothing is attached anywhere.
+pub(crate) fn validate_cgroups(args: &Args) -> anyhow::Result<Vec<PathBuf>> {
+    // Fails with "no cgroup v2 hierarchy is mounted" when there is none.
+    let mount = cgroup::cgroup2_mount()?;
+    let mut seen: Vec<(u64, PathBuf)> = Vec::new();
+    let mut out = Vec::new();
+    for path in &args.cgroups {
+        let dir = CgroupDir::open(path)?;
+        if dir.is_root() && !args.allow_root_cgroup {
+            bail!(
+                "cgroup {}: is the root of the cgroup v2 hierarchy (mounted at {}); attaching \
+                 there affects every process on the host: pass --allow-root-cgroup to do so",
+                path.display(),
+                mount.display()
+            );
+        }
+        if let Some((_, first)) = seen.iter().find(|(id, _)| *id == dir.id()) {
+            warn(&format!(
+                "cgroup {} is the same cgroup as {}: attaching once",
+                path.display(),
+                first.display()
+            ));
+            continue;
+        }
+        seen.push((dir.id(), path.clone()));
+        out.push(path.clone());
+    }
+    // A cgroup inside another given one would run the programs twice.
+    let canon: Vec<PathBuf> = out
+        .iter()
+        .map(|p| p.canonicalize().unwrap_or_else(|_| p.clone()))
+        .collect();
+    for (i, inner) in canon.iter().enumerate() {
+        for (j, outer) in canon.iter().enumerate() {
+            if i != j && inner.starts_with(outer) {
+                warn(&format!(
+                    "cgroup {} is inside {}: its sockets see both attachments",
+                    out[i].display(),
+                    out[j].display()
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+pub(crate) fn load_datapath(args: &Args) -> anyhow::Result<Datapath> {
+    let mut opts = DatapathOptions::default();
+    if let Some(dir) = &args.pin {
+        opts = opts.pin_dir(dir);
+    }
+    if let Some(n) = args.max_sockets {
+        opts = opts.max_sockets(n);
+    }
+    if args.no_short_circuit {
+        opts = opts.short_circuit(false);
+    }
+    let dp = Datapath::load(&opts).context("loading the datapath")?;
+    for problem in dp.quirks().problems() {
+        warn(&problem);
+    }
+    Ok(dp)
+}
+
+pub(crate) fn configure(dp: &Datapath, args: &Args) -> anyhow::Result<()> {
+    for &port in &args.bypass_ports {
+        dp.bypass_port(port, PortSide::Both)?;
+    }
+    for &net in &args.local_nets {
+        dp.add_local_net(net)?;
+    }
+    Ok(())
+}
+
+/// Attaches the XDP program to every `--xdp` interface (once each). On
+/// error the attachments made so far are dropped, i.e. detached.
+pub(crate) fn attach_xdp(dp: &Datapath, args: &Args) -> anyhow::Result<Vec<XdpAttachment>> {
+    let mut out: Vec<XdpAttachment> = Vec::new();
+    for iface in &args.xdp {
+        if out.iter().any(|x| x.interface() == iface) {
+            warn(&format!("--xdp {iface} given twice: attaching once"));
+            continue;
+        }
+        let x = dp
+            .attach_xdp(iface, args.xdp_mode)
+            .with_context(|| format!("--xdp {iface} ({} mode)", args.xdp_mode))?;
+        out.push(x);
+    }
+    Ok(out)
+}
+
+pub(crate) fn attach(
+    dp: &Datapath,
+    targets: &[PathBuf],
+    args: &Args,
+) -> anyhow::Result<Vec<CgroupAttachment>> {
+    let opts = AttachOptions::default().allow_root(args.allow_root_cgroup);
+    // On error the attachments made so far are dropped, i.e. detached.
+    targets
+        .iter()
+        .map(|p| dp.attach_cgroup_with(p, &opts).map_err(Into::into))
+        .collect()
+}
+
+/// Removes stale socket-index entries; a failure is a warning.
+pub(crate) fn sweep(dp: &Datapath) {
+    if let Err(e) = dp.sweep_stale() {
+        warn(&format!(
+            "sweeping stale socket entries: {}",
+            one_line(&e.into())
+        ));
+    }
+}
