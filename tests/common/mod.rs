@@ -12,6 +12,8 @@
 
 #![allow(dead_code)]
 
+pub mod agent;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
