@@ -4,6 +4,7 @@
 //! The command line is a contract other tools depend on: flag names are
 //! stable, and new flags are added as new fields of [`Args`].
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{ColorChoice, Parser};
@@ -11,10 +12,9 @@ use meshpath::{IpNet, XdpMode};
 
 // The agent's command line.
 //
-// Flags planned for later (`--node`,
-// `--auth-listen`, `--peers`, `--cert`, `--key`, `--ca`,
-// `--metrics ADDR:PORT`, `--flows[=json]`, `--cleanup`) are added here as
-// fields; everything downstream reads this struct only.
+// Flags planned for later (`--auth-listen`, `--peers`, `--cert`, `--key`,
+// `--ca`, `--cleanup`) are added here as fields; everything downstream
+// reads this struct only.
 #[derive(Debug, Parser)]
 #[command(
     name = "agent",
@@ -92,6 +92,90 @@ pub(crate) struct Args {
         requires = "xdp"
     )]
     pub(crate) xdp_mode: XdpMode,
+
+    /// Print every flow event on stdout, one line each: human-readable
+    /// (`--flows` or `--flows=text`) or JSON (`--flows=json`).
+    #[arg(
+        long,
+        value_name = "FORMAT",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "text",
+        value_parser = parse_flow_format
+    )]
+    pub(crate) flows: Option<FlowFormat>,
+
+    /// Serve flow events on a Unix socket at PATH (default
+    /// /run/meshpath/flows.sock), as length-delimited protobuf
+    /// meshpath.flow.Flow messages, to any number of clients (e.g. the
+    /// `flows` example).
+    #[arg(
+        long = "flow-socket",
+        value_name = "PATH",
+        num_args = 0..=1,
+        default_missing_value = DEFAULT_FLOW_SOCKET,
+        value_parser = parse_socket_path
+    )]
+    pub(crate) flow_socket: Option<PathBuf>,
+
+    /// Serve Prometheus metrics on http://ADDR:PORT/metrics (e.g.
+    /// 127.0.0.1:9090; port 0 picks a free port, shown in the ready line).
+    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_listen)]
+    pub(crate) metrics: Option<SocketAddr>,
+
+    /// This node's name, as flow events report it (default: the
+    /// hostname).
+    #[arg(long, value_name = "NAME", value_parser = parse_node)]
+    pub(crate) node: Option<String>,
+}
+
+/// Where `--flow-socket` without a value serves.
+pub(crate) const DEFAULT_FLOW_SOCKET: &str = "/run/meshpath/flows.sock";
+
+/// How `--flows` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FlowFormat {
+    /// One human-readable line per flow.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+fn parse_flow_format(s: &str) -> Result<FlowFormat, String> {
+    match s {
+        "text" => Ok(FlowFormat::Text),
+        "json" => Ok(FlowFormat::Json),
+        _ => Err(format!("{s:?} is not one of text, json")),
+    }
+}
+
+fn parse_socket_path(s: &str) -> Result<PathBuf, String> {
+    if s.is_empty() {
+        return Err("the path is empty".into());
+    }
+    // sun_path holds 107 bytes and a NUL.
+    if s.len() > 107 {
+        return Err(format!(
+            "{s:?} is {} bytes long; a Unix socket path holds at most 107",
+            s.len()
+        ));
+    }
+    Ok(PathBuf::from(s))
+}
+
+fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>().map_err(|_| {
+        format!("{s:?} is not ADDR:PORT (e.g. 127.0.0.1:9090, [::1]:9090 or 0.0.0.0:9090)")
+    })
+}
+
+fn parse_node(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 253 || s.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(format!(
+            "{s:?} is not a node name (1-253 characters, no spaces or control characters)"
+        ));
+    }
+    Ok(s.to_string())
 }
 
 fn parse_port(s: &str) -> Result<u16, String> {

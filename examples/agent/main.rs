@@ -1,7 +1,8 @@
 //! The reference node agent.
 //!
 //! ```text
-//! agent --cgroup DIR [--cgroup DIR2 ...] [--pin DIR] [--config FILE.json] [--xdp IFACE ...] [options]
+//! agent --cgroup DIR [--cgroup DIR2 ...] [--pin DIR] [--config FILE.json] [--xdp IFACE ...]
+//!       [--flows[=json]] [--flow-socket [PATH]] [--metrics ADDR:PORT] [--node NAME] [options]
 //! ```
 //!
 //! Loads the meshpath datapath, applies the policy of `--config` (if any),
@@ -46,6 +47,27 @@
 //! startup the agent exits 1, on SIGHUP it keeps running and the policy in
 //! force stays exactly as it was.
 //!
+//! # Flows and metrics
+//!
+//! `--flows` prints every flow event on stdout, one line each (`--flows`
+//! or `--flows=text`: human-readable; `--flows=json`: one JSON object per
+//! line, the protobuf JSON mapping with Hubble's field names); the lines
+//! are described in `flowfmt.rs`. The agent's own lines on stdout start
+//! with `agent: `, flow lines never do.
+//!
+//! `--flow-socket [PATH]` serves the same events on a Unix socket
+//! (default `/run/meshpath/flows.sock`, mode 0600, removed on exit) as
+//! length-delimited protobuf `meshpath.flow.Flow` messages, to any number
+//! of clients (the `flows` example); a client that reads too slowly
+//! misses messages (counted), it never slows the agent or other clients.
+//! `--node NAME` is the flows' `node_name` (default: the hostname).
+//!
+//! `--metrics ADDR:PORT` serves Prometheus metrics on
+//! `http://ADDR:PORT/metrics` (see `metrics.rs` for the list). The ready
+//! line ends with where each is served, e.g. `; flows on stdout (json);
+//! flow socket /run/meshpath/flows.sock; metrics on
+//! http://127.0.0.1:9090/metrics`.
+//!
 //! The command line is a contract other tools depend on: flag names are
 //! stable, and new flags are added as new fields of [`cli::Args`].
 //!
@@ -59,10 +81,20 @@
 //! * `policy`: applying that state at startup and on SIGHUP;
 //! * `setup`: checking the cgroups, loading, attaching, sweeping;
 //! * `serve`: the main loop (signals, sweeps, `--stats-interval`);
+//! * `observe`: `--flows`, `--flow-socket` and `--metrics` together,
+//!   built from `flows` (the one flow reader, fanning out), `flow_socket`
+//!   (the Unix socket and its clients), `flowfmt` (a flow as a text or
+//!   JSON line; shared with the `flows` example) and `metrics` (the
+//!   Prometheus endpoint);
 //! * `output`: one-line stdout/stderr messages.
 
 mod cli;
 mod config;
+mod flow_socket;
+mod flowfmt;
+mod flows;
+mod metrics;
+mod observe;
 mod output;
 mod policy;
 mod serve;
@@ -135,8 +167,12 @@ fn run(args: &Args) -> anyhow::Result<()> {
         std::fs::File::open(ns)
             .with_context(|| format!("--policy-reset-netns {}", ns.display()))?;
     }
+    // Ports and sockets are taken before anything is loaded.
+    let mut observe = observe::Observability::bind(args)?;
     let dp = setup::load_datapath(args)?;
     setup::configure(&dp, args)?;
+    // Flows are read from before the policy and the attachments.
+    observe.start(&dp, args)?;
     // The policy is in force before any cgroup is attached: no workload
     // runs unchecked for a moment.
     match (&args.config, state) {
@@ -167,6 +203,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             .collect();
         let _ = write!(ready, "; xdp on {}", ifaces.join(", "));
     }
+    ready.push_str(&observe.describe());
     say(&ready).context("writing the ready line to stdout")?;
 
     let signal = serve::serve(&sigfd, &dp, args)?;
@@ -194,6 +231,8 @@ fn run(args: &Args) -> anyhow::Result<()> {
     // Sockets of a detached cgroup get no close callback: drop their
     // index entries now.
     setup::sweep(&dp);
+    // The last flows (up to the detach) are printed and served.
+    observe.stop();
     let _ = say(&format!(
         "agent: {} received: detached from {n} cgroup{}, exiting",
         signal.as_str(),
