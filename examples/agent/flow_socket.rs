@@ -74,7 +74,8 @@ struct Client {
     /// out of a blocked write.
     stream: UnixStream,
     dropped: Arc<AtomicU64>,
-    writer: Option<JoinHandle<()>>,
+    /// Returns how many messages it wrote.
+    writer: Option<JoinHandle<u64>>,
 }
 
 impl FlowSocket {
@@ -262,6 +263,7 @@ impl Hub {
             .spawn(move || {
                 let sent = write_loop(&rx, stream);
                 hub.remove(id, sent);
+                sent
             });
         let writer = match writer {
             Ok(w) => w,
@@ -312,17 +314,22 @@ impl Hub {
     /// Disconnects every client and waits for their writers.
     fn close(&self) {
         self.closing.store(true, Ordering::Release);
-        let all: Vec<Client> = {
+        let mut all: Vec<(u64, Client)> = {
             let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-            clients.drain().map(|(_, c)| c).collect()
+            clients.drain().collect()
         };
+        all.sort_by_key(|(id, _)| *id);
         self.stats.socket_clients.store(0, Ordering::Relaxed);
-        for mut c in all {
+        for (id, mut c) in all {
+            // Wakes a writer blocked on a client that does not read.
             let _ = c.stream.shutdown(std::net::Shutdown::Both);
             drop(c.queue);
-            if let Some(w) = c.writer.take() {
-                let _ = w.join();
-            }
+            let sent = c.writer.take().and_then(|w| w.join().ok()).unwrap_or(0);
+            let _ = say(&format!(
+                "agent: flow socket: client {id} disconnected (exiting) after {sent} flows, {} \
+                 dropped",
+                c.dropped.load(Ordering::Relaxed)
+            ));
         }
     }
 }
