@@ -380,6 +380,10 @@ fn help_exits_zero_and_names_the_contract_flags() {
         "--policy-reset-netns",
         "--xdp",
         "--xdp-mode",
+        "--flows",
+        "--flow-socket",
+        "--metrics",
+        "--node",
     ] {
         assert!(
             text.contains(flag),
