@@ -8,7 +8,7 @@
 //!
 //! ```text
 //! TIME VERDICT POINT PROTO SRC -> DST [FLAGS] SRC_ID -> DST_ID [DETAILS...]
-//! 2026-11-22T10:00:00.123Z DROPPED    ingress       tcp 127.0.0.4:40212 -> 127.0.0.3:5432 [SYN] world -> spiffe://mesh.local/ns/db/sa/postgres policy-denied x3
+//! 2026-11-22T10:00:00.123Z DROPPED    ingress       tcp 127.0.0.4:40212 -> 127.0.0.3:5432 [SYN] world -> spiffe://mesh.local/ns/db/sa/postgres policy-denied on lo x3
 //! 2026-11-22T10:00:01.004Z REDIRECTED short_circuit tcp 127.0.0.2:40214 -> 127.0.0.3:5432 spiffe://mesh.local/ns/shop/sa/frontend -> spiffe://mesh.local/ns/db/sa/postgres sc-close tx 10 msgs 1000 B, rx 10 msgs 600 B
 //! ```
 //!
