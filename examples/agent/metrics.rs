@@ -490,6 +490,12 @@ fn counter_help(name: &str) -> Option<&'static str> {
         "policy_resets" => "Established flows reset because policy came to deny them.",
         "events_lost" => "Flow events the ring buffer had no room for (the reader was slow).",
         "events_aggregated" => "Packets folded into an earlier flow event (aggregation).",
+        "auth_ok" => "Flows of auth rules that found a live authentication.",
+        "auth_signals" => "Auth-required signals sent to the agent.",
+        "auth_signals_deduplicated" => {
+            "Auth-required signals not sent: one for the same pair went out recently."
+        }
+        "auth_signals_dropped" => "Auth-required signals not sent: the rate limit, or a full ring.",
         _ => return None,
     })
 }
