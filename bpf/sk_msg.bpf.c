@@ -104,6 +104,10 @@ int meshpath_sk_msg(struct sk_msg_md *msg)
 	 * sender sees EACCES) until the reset iterator aborts the connection;
 	 * an `auth` flow without a live entry asks the agent again. */
 	word = mp_policy_word();
+	/* Only sockets established in an attached cgroup are judged (the
+	 * library's own probe sockets, for instance, are not). */
+	if (!st->tracked)
+		word = 0;
 	if (mp_policy_on(word) &&
 	    (st->policy_gen != mp_policy_gen(word) ||
 	     (st->auth_expiry_ns &&

@@ -99,28 +99,6 @@ MP_ALWAYS_INLINE void mp_sc_event(struct bpf_sock_ops *skops, __u8 type,
 #define MP_EVICT_CB_FLAGS                                                      \
 	(BPF_SOCK_OPS_RTT_CB_FLAG | BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG)
 
-MP_ALWAYS_INLINE bool mp_port_bypassed(const struct mp_sock_key *k)
-{
-	__u32 port = k->local_port;
-	__u32 *flags = bpf_map_lookup_elem(&meshpath_bypass_ports, &port);
-
-	if (flags && (*flags & MP_BYPASS_F_LOCAL))
-		return true;
-	port = k->remote_port;
-	flags = bpf_map_lookup_elem(&meshpath_bypass_ports, &port);
-	return flags && (*flags & MP_BYPASS_F_REMOTE);
-}
-
-MP_ALWAYS_INLINE bool mp_peer_may_be_local(const struct mp_sock_key *k)
-{
-	struct mp_lpm_key lpm = {.prefixlen = 128};
-
-	if (mp_ip_is_loopback(k->remote_ip))
-		return true;
-	__builtin_memcpy(lpm.addr, k->remote_ip, sizeof(lpm.addr));
-	return bpf_map_lookup_elem(&meshpath_local_nets, &lpm) != NULL;
-}
-
 /*
  * An established TCP socket of an attached cgroup: track it (its role and
  * its flow's verdict, for sk_msg and the reset iterator), and enroll it

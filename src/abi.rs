@@ -13,14 +13,16 @@ use crate::skel::sockops::types;
 pub use types::{
     mp_abi as Abi, mp_action as Action, mp_auth_key as AuthKey, mp_auth_signal as AuthSignal,
     mp_auth_value as AuthValue, mp_bypass_flags as BypassFlags, mp_cert_info as CertInfo,
-    mp_counter as CounterId, mp_dir_mode as DirMode, mp_endpoint as EndpointValue,
-    mp_event_type as EventType, mp_flow_event as FlowEvent, mp_identity_limits as IdentityLimits,
-    mp_identity_name as IdentityName, mp_identity_reserved as IdentityReserved,
-    mp_lpm_key as LpmKey, mp_point as PointId, mp_policy_key as PolicyKey,
-    mp_policy_value as PolicyValue, mp_policy_word as PolicyWord, mp_proto as Proto,
-    mp_settings as Settings, mp_shape_bits as ShapeBits, mp_sock_entry as SockEntry,
-    mp_sock_flags as SockFlags, mp_sock_key as SockKey, mp_sock_reason as SockReason,
-    mp_sock_state as SockState, mp_traffic_direction as TrafficDirection, mp_verdict as VerdictId,
+    mp_cgroup_flags as CgroupFlags, mp_counter as CounterId, mp_dir_mode as DirMode,
+    mp_endpoint as EndpointValue, mp_enroll_outcome as EnrollOutcomeId,
+    mp_enroll_record as EnrollRecord, mp_event_type as EventType, mp_flow_event as FlowEvent,
+    mp_identity_limits as IdentityLimits, mp_identity_name as IdentityName,
+    mp_identity_reserved as IdentityReserved, mp_lpm_key as LpmKey, mp_point as PointId,
+    mp_policy_key as PolicyKey, mp_policy_value as PolicyValue, mp_policy_word as PolicyWord,
+    mp_proto as Proto, mp_settings as Settings, mp_shape_bits as ShapeBits,
+    mp_sock_entry as SockEntry, mp_sock_flags as SockFlags, mp_sock_key as SockKey,
+    mp_sock_reason as SockReason, mp_sock_state as SockState,
+    mp_traffic_direction as TrafficDirection, mp_verdict as VerdictId,
 };
 
 /// The layout version this build of the library writes and accepts.
@@ -57,6 +59,8 @@ unsafe impl plain::Plain for AuthValue {}
 unsafe impl plain::Plain for AuthSignal {}
 // SAFETY: see above.
 unsafe impl plain::Plain for CertInfo {}
+// SAFETY: see above.
+unsafe impl plain::Plain for EnrollRecord {}
 
 /// Packs the policy word (see `enum mp_policy_word` in abi.h).
 pub(crate) fn policy_word(gen: u32, on: bool, default_action: u8, epoch: u32) -> u64 {

@@ -19,6 +19,9 @@ pub struct CgroupAttachment {
     // Links first: they detach before the datapath reference goes.
     links: Vec<(&'static str, Link)>,
     cgroup: CgroupDir,
+    /// Pinned links persist when the guard drops (see `Datapath::load`
+    /// with a pin directory); `detach` removes them.
+    pinned: bool,
     _datapath: Arc<Inner>,
 }
 
@@ -33,7 +36,11 @@ impl std::fmt::Debug for CgroupAttachment {
 
 impl Drop for CgroupAttachment {
     fn drop(&mut self) {
-        // The links (if any are left) detach when dropped with `self`.
+        // The links (if any are left) detach when dropped with `self`;
+        // pinned ones stay, and so does the cgroup's entry for them.
+        if !self.pinned || self.links.is_empty() {
+            self.forget_in_maps();
+        }
         crate::datapath::Datapath::forget_cgroup(&self._datapath, self.cgroup.id());
     }
 }
@@ -43,11 +50,24 @@ impl CgroupAttachment {
         datapath: Arc<Inner>,
         cgroup: CgroupDir,
         links: Vec<(&'static str, Link)>,
+        pinned: bool,
     ) -> Self {
         CgroupAttachment {
             links,
             cgroup,
+            pinned,
             _datapath: datapath,
+        }
+    }
+
+    /// Whether the programs stay attached (pinned) when this guard drops.
+    pub fn is_pinned(&self) -> bool {
+        self.pinned
+    }
+
+    fn forget_in_maps(&self) {
+        if let Some(m) = self._datapath.maps.get("meshpath_cgroups") {
+            let _ = crate::sys::delete(std::os::fd::AsFd::as_fd(&m.fd), &self.cgroup.id());
         }
     }
 
@@ -66,9 +86,20 @@ impl CgroupAttachment {
         self.links.iter().map(|(n, _)| *n).collect()
     }
 
-    /// Detaches now, reporting failures (dropping detaches too, silently).
+    /// Detaches now, reporting failures. Dropping detaches too, silently,
+    /// unless the links are pinned: then only this does (and unpins them).
     pub fn detach(mut self) -> Result<()> {
+        if self.pinned {
+            if let Some(dir) = &self._datapath.pin_dir {
+                for (hook, _) in &self.links {
+                    let path = dir.join(crate::datapath::link_pin_name(self.cgroup.id(), hook));
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
         for (name, link) in std::mem::take(&mut self.links) {
+            // BPF_LINK_DETACH, so that other references (a pin being
+            // removed concurrently, another process) cannot keep it.
             link.detach().map_err(|source| Error::Attach {
                 program: name,
                 target: format!("cgroup {} (detach)", self.cgroup.path().display()),

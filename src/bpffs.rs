@@ -68,9 +68,10 @@ pub fn prepare_pin_dir(dir: &Path) -> Result<PathBuf> {
 }
 
 /// Removes meshpath's pins (`meshpath_*`) from `dir`, then `dir` itself if
-/// it is left empty. Returns how many pins were removed. Pinned maps are
-/// freed once no program or process uses them; live short-circuited
-/// connections keep working until they close.
+/// it is left empty. Returns how many pins were removed. Pinned links
+/// (`meshpath_link_*`) are detached first, whoever else holds them; pinned
+/// maps are freed once no program or process uses them. Live
+/// short-circuited connections keep working until they close.
 pub fn remove_pins(dir: &Path) -> Result<usize> {
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
@@ -81,7 +82,11 @@ pub fn remove_pins(dir: &Path) -> Result<usize> {
     for entry in entries {
         let entry = entry.map_err(|e| Error::io("reading pin directory", dir, e))?;
         let name = entry.file_name();
-        if name.to_string_lossy().starts_with("meshpath_") {
+        let name = name.to_string_lossy();
+        if name.starts_with("meshpath_link_") {
+            crate::datapath::detach_pinned(&entry.path())?;
+            removed += 1;
+        } else if name.starts_with("meshpath_") {
             let p = entry.path();
             fs::remove_file(&p).map_err(|e| Error::io("unpinning", &p, e))?;
             removed += 1;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
 use libbpf_rs::{Link, MapCore};
 
-use crate::abi::{self, BypassFlags, LpmKey, Settings, ABI_VERSION};
+use crate::abi::{self, BypassFlags, CgroupFlags, LpmKey, Settings, ABI_VERSION};
 use crate::attach::{CgroupAttachment, SockmapAttachment};
 use crate::cgroup::CgroupDir;
 use crate::error::{Error, Result};
@@ -17,6 +17,39 @@ use crate::net::IpNet;
 use crate::probe::{self, KernelQuirks};
 use crate::skel::{self, Loaded};
 use crate::stats::{self, Counters};
+
+/// Every cgroup hook the datapath may attach to, by the name its pinned
+/// link carries.
+pub(crate) const CGROUP_HOOKS: &[&str] = &[
+    "sockops",
+    "setsockopt",
+    "connect4",
+    "connect6",
+    "sendmsg4",
+    "sendmsg6",
+    "ingress",
+    "egress",
+];
+
+/// The pin of a cgroup link: `meshpath_link_cg<cgroup id>_<hook>`.
+pub(crate) fn link_pin_name(cgroup_id: u64, hook: &str) -> String {
+    format!("meshpath_link_cg{cgroup_id}_{hook}")
+}
+
+/// Detaches and unpins the link pinned at `path`, if there is one.
+pub(crate) fn detach_pinned(path: &Path) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let link = Link::open(path).map_err(|source| Error::Attach {
+        program: "pinned link",
+        target: path.display().to_string(),
+        source,
+    })?;
+    // BPF_LINK_DETACH: detaches even while other references remain.
+    let _ = link.detach();
+    std::fs::remove_file(path).map_err(|e| Error::io("unpinning", path, e))
+}
 
 /// Every map the datapath shares between its objects.
 pub(crate) const KNOWN_MAPS: &[&str] = &[
@@ -41,6 +74,7 @@ pub(crate) const KNOWN_MAPS: &[&str] = &[
     "meshpath_auth_pending",
     "meshpath_auth_rate",
     "meshpath_certs",
+    "meshpath_cgroups",
 ];
 
 /// How to load the datapath.
@@ -251,13 +285,14 @@ pub(crate) struct Inner {
     pub(crate) connect: Loaded<skel::connect::ConnectSkel<'static>>,
     pub(crate) skb: Loaded<skel::skb::SkbSkel<'static>>,
     pub(crate) reset: Loaded<skel::reset::ResetSkel<'static>>,
+    pub(crate) enroll: Loaded<skel::enroll::EnrollSkel<'static>>,
     pub(crate) xdp: crate::xdp::XdpObject,
     pub(crate) _sk_msg: Loaded<skel::sk_msg::SkMsgSkel<'static>>,
     pub(crate) maps: MapSet,
     pub(crate) quirks: KernelQuirks,
     pub(crate) pin_dir: Option<PathBuf>,
     /// Cgroup ids attached through this datapath (one attachment each).
-    pub(crate) attached: std::sync::Mutex<std::collections::HashSet<u64>>,
+    pub(crate) attached: std::sync::Mutex<std::collections::HashMap<u64, std::path::PathBuf>>,
     /// Serialises read-modify-write of meshpath_settings.
     pub(crate) settings_lock: std::sync::Mutex<()>,
     /// The desired policy state and its compiled form (policy.rs).
@@ -335,6 +370,13 @@ impl Datapath {
             opts,
             pin,
         )?;
+        let enroll = load_object(
+            "enroll",
+            skel::enroll::EnrollSkelBuilder::default(),
+            &mut maps,
+            opts,
+            pin,
+        )?;
         let xdp = load_object(
             "xdp",
             skel::xdp::XdpSkelBuilder::default(),
@@ -386,6 +428,7 @@ impl Datapath {
             connect,
             skb,
             reset,
+            enroll,
             xdp: crate::xdp::XdpObject::new(xdp),
             _sk_msg: sk_msg,
             maps,
@@ -430,70 +473,208 @@ impl Datapath {
             .attached
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(cg.id())
+            .insert(cg.id(), cg.path().to_path_buf())
+            .is_none()
         {
             return Err(Error::Cgroup {
                 path: cg.path().to_path_buf(),
                 reason: "is already attached to this datapath".into(),
             });
         }
-        let links = self.cgroup_links(&cg, opts);
-        match links {
-            Ok(links) => Ok(CgroupAttachment::new(self.inner.clone(), cg, links)),
+        let flags = (if opts.short_circuit {
+            CgroupFlags::MP_CG_SHORTCIRCUIT.0
+        } else {
+            0
+        }) | (if opts.policy {
+            CgroupFlags::MP_CG_POLICY.0
+        } else {
+            0
+        });
+        let links = self.cgroup_links(&cg, opts).and_then(|links| {
+            self.maps()
+                .typed::<u64, u32>("meshpath_cgroups")?
+                .update(&cg.id(), &flags, || {
+                    format!("cgroup {}", cg.path().display())
+                })?;
+            Ok(links)
+        });
+        let att = match links {
+            Ok(links) => {
+                CgroupAttachment::new(self.inner.clone(), cg, links, self.inner.pin_dir.is_some())
+            }
             Err(e) => {
                 // Links attached so far were dropped (detached) already.
                 Datapath::forget_cgroup(&self.inner, cg.id());
-                Err(e)
+                return Err(e);
             }
+        };
+        if opts.enroll_existing {
+            self.enroll_existing()?;
         }
+        Ok(att)
     }
 
     /// Attaches every program `opts` asks for to `cg`; all or nothing
     /// (a failure drops, so detaches, the links made before it).
+    ///
+    /// With a pin directory each link is pinned there under its hook's
+    /// name (`meshpath_link_cg<id>_<hook>`); a link already pinned for that
+    /// hook (left by a previous agent) is adopted and switched to this
+    /// datapath's program in one step, so enforcement has no gap. Pinned
+    /// hooks this attachment no longer wants are detached afterwards.
     fn cgroup_links(
         &self,
         cg: &CgroupDir,
         opts: &AttachOptions,
     ) -> Result<Vec<(&'static str, Link)>> {
         let fd = cg.as_fd().as_raw_fd();
-        let attach = |name: &'static str, prog: &libbpf_rs::ProgramMut<'_>| {
-            prog.attach_cgroup(fd)
-                .map(|l| (name, l))
-                .map_err(|source| Error::Attach {
-                    program: name,
-                    target: format!("cgroup {}", cg.path().display()),
-                    source,
-                })
-        };
         let i = &self.inner;
-        let mut links = Vec::new();
+        let mut wanted: Vec<(&'static str, &libbpf_rs::ProgramMut<'_>)> = Vec::new();
         // One sockops program per cgroup: with the short-circuit, or the
-        // one that only tracks flows for policy.
+        // one that only tracks flows for policy (the same hook).
         if opts.short_circuit {
-            links.push(attach(
-                "meshpath_sockops",
-                &i.sockops.progs.meshpath_sockops,
-            )?);
-            links.push(attach(
-                "meshpath_setsockopt",
-                &i.sockopt.progs.meshpath_setsockopt,
-            )?);
+            wanted.push(("sockops", &i.sockops.progs.meshpath_sockops));
+            wanted.push(("setsockopt", &i.sockopt.progs.meshpath_setsockopt));
         } else if opts.policy {
-            links.push(attach(
-                "meshpath_sockops_track",
-                &i.sockops.progs.meshpath_sockops_track,
-            )?);
+            wanted.push(("sockops", &i.sockops.progs.meshpath_sockops_track));
         }
         if opts.policy {
             let c = &i.connect.progs;
-            links.push(attach("meshpath_connect4", &c.meshpath_connect4)?);
-            links.push(attach("meshpath_connect6", &c.meshpath_connect6)?);
-            links.push(attach("meshpath_sendmsg4", &c.meshpath_sendmsg4)?);
-            links.push(attach("meshpath_sendmsg6", &c.meshpath_sendmsg6)?);
-            links.push(attach("meshpath_ingress", &i.skb.progs.meshpath_ingress)?);
-            links.push(attach("meshpath_egress", &i.skb.progs.meshpath_egress)?);
+            wanted.push(("connect4", &c.meshpath_connect4));
+            wanted.push(("connect6", &c.meshpath_connect6));
+            wanted.push(("sendmsg4", &c.meshpath_sendmsg4));
+            wanted.push(("sendmsg6", &c.meshpath_sendmsg6));
+            wanted.push(("ingress", &i.skb.progs.meshpath_ingress));
+            wanted.push(("egress", &i.skb.progs.meshpath_egress));
+        }
+        let target = || format!("cgroup {}", cg.path().display());
+        let mut links = Vec::new();
+        for (hook, prog) in &wanted {
+            let err = |source| Error::Attach {
+                program: hook,
+                target: target(),
+                source,
+            };
+            let pin = self
+                .inner
+                .pin_dir
+                .as_ref()
+                .map(|d| d.join(link_pin_name(cg.id(), hook)));
+            let link = match &pin {
+                Some(path) if path.exists() => {
+                    let mut l = Link::open(path).map_err(err)?;
+                    l.update_prog(prog).map_err(err)?;
+                    l
+                }
+                _ => {
+                    let mut l = prog.attach_cgroup(fd).map_err(err)?;
+                    if let Some(path) = &pin {
+                        l.pin(path).map_err(err)?;
+                    }
+                    l
+                }
+            };
+            links.push((*hook, link));
+        }
+        if let Some(dir) = &self.inner.pin_dir {
+            for hook in CGROUP_HOOKS {
+                if !wanted.iter().any(|(h, _)| h == hook) {
+                    detach_pinned(&dir.join(link_pin_name(cg.id(), hook)))?;
+                }
+            }
         }
         Ok(links)
+    }
+
+    /// Takes over TCP connections of attached cgroups established before
+    /// they were attached: each is judged by policy (a denied one is
+    /// reset), tracked, and enrolled into the short-circuit when that is
+    /// safe (a side whose bytes already went through TCP keeps sending
+    /// through TCP; a connection both sides already used stays out of the
+    /// short-circuit). Covers the caller's network namespace and every
+    /// namespace a process of an attached cgroup is in. Attaching does
+    /// this by default ([`AttachOptions::enroll_existing`]); sockets
+    /// already tracked are left alone, so running it again is harmless.
+    pub fn enroll_existing(&self) -> Result<EnrollReport> {
+        let mut report = EnrollReport::default();
+        for ns in crate::netns::namespaces_of(&self.attached_cgroups())? {
+            let part = ns.run(|| self.enroll_here())?;
+            report.merge(part);
+        }
+        Ok(report)
+    }
+
+    /// Like [`Datapath::enroll_existing`], in the network namespace at
+    /// `netns` only (e.g. `/run/netns/NAME` or `/proc/PID/ns/net`).
+    pub fn enroll_existing_in(&self, netns: impl AsRef<Path>) -> Result<EnrollReport> {
+        let ns = crate::netns::Netns::open(netns.as_ref())?;
+        ns.run(|| self.enroll_here())
+    }
+
+    /// The paths of the cgroups attached through this datapath.
+    pub fn attached_cgroups(&self) -> Vec<std::path::PathBuf> {
+        let mut v: Vec<_> = self
+            .inner
+            .attached
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Runs the enroll iterator in the calling thread's namespace.
+    fn enroll_here(&self) -> Result<EnrollReport> {
+        let out = self.run_iterator("meshpath_enroll", &self.inner.enroll.progs.meshpath_enroll)?;
+        let size = std::mem::size_of::<abi::EnrollRecord>();
+        if out.len() % size != 0 {
+            return Err(Error::io(
+                "reading the enroll iterator's records",
+                "iter/tcp",
+                std::io::Error::other(format!("{} bytes, not a multiple of {size}", out.len())),
+            ));
+        }
+        let mut report = EnrollReport {
+            namespaces: 1,
+            ..EnrollReport::default()
+        };
+        for chunk in out.chunks_exact(size) {
+            let mut rec = abi::EnrollRecord::default();
+            plain::copy_from_bytes(&mut rec, chunk).map_err(|_| {
+                Error::io(
+                    "reading the enroll iterator's records",
+                    "iter/tcp",
+                    std::io::Error::other("short record"),
+                )
+            })?;
+            report.push(&rec);
+        }
+        Ok(report)
+    }
+
+    /// Creates a TCP socket iterator of `prog` in the calling thread's
+    /// network namespace, runs it to the end and returns what it wrote.
+    pub(crate) fn run_iterator(
+        &self,
+        program: &'static str,
+        prog: &libbpf_rs::ProgramMut<'_>,
+    ) -> Result<Vec<u8>> {
+        let link = prog.attach().map_err(|source| Error::Attach {
+            program,
+            target: "a TCP socket iterator".into(),
+            source,
+        })?;
+        let mut it = libbpf_rs::Iter::new(&link).map_err(|source| Error::Attach {
+            program,
+            target: "a TCP socket iterator (open)".into(),
+            source,
+        })?;
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut it, &mut out)
+            .map_err(|e| Error::io("running the TCP socket iterator", program, e))?;
+        Ok(out)
     }
 
     pub(crate) fn forget_cgroup(inner: &Inner, id: u64) {
@@ -644,6 +825,102 @@ fn lpm_key(net: IpNet) -> LpmKey {
     }
 }
 
+/// What [`Datapath::enroll_existing`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EnrollReport {
+    /// Sockets taken over (tracked), whatever happened to them next.
+    pub adopted: u64,
+    /// Of those, enrolled into the short-circuit.
+    pub enrolled: u64,
+    /// Reset because policy denies their flow.
+    pub reset: u64,
+    /// Denied by policy, but the kernel refused to reset them (their
+    /// packets are still dropped by the packet hooks).
+    pub denied: u64,
+    /// The short-circuit map refused them (full): they stay on TCP.
+    pub errors: u64,
+    /// Network namespaces searched.
+    pub namespaces: usize,
+    /// Every socket taken over, with what happened to it.
+    pub sockets: Vec<AdoptedSocket>,
+}
+
+/// One socket [`Datapath::enroll_existing`] took over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AdoptedSocket {
+    /// Its local address.
+    pub local: std::net::SocketAddr,
+    /// Its peer's address.
+    pub remote: std::net::SocketAddr,
+    /// What was done with it.
+    pub outcome: EnrollOutcome,
+}
+
+/// What happened to a socket taken over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EnrollOutcome {
+    /// Tracked for policy; both directions stay on TCP.
+    Tracked,
+    /// In the short-circuit; `sends_tcp`: its own bytes keep going through
+    /// TCP (it sent some before), only its peer's are redirected to it.
+    Enrolled {
+        /// Whether this side's sends stay on TCP.
+        sends_tcp: bool,
+    },
+    /// Policy denies the flow: reset.
+    Reset,
+    /// Policy denies the flow; the reset failed.
+    Denied,
+    /// The short-circuit map refused it.
+    Error,
+}
+
+impl EnrollReport {
+    fn push(&mut self, rec: &abi::EnrollRecord) {
+        use abi::EnrollOutcomeId as O;
+        let outcome = match rec.outcome {
+            x if x == O::MP_ENROLL_ENROLLED.0 => {
+                self.enrolled += 1;
+                EnrollOutcome::Enrolled {
+                    sends_tcp: rec.mode == abi::DirMode::MP_DIR_TCP.0,
+                }
+            }
+            x if x == O::MP_ENROLL_RESET.0 => {
+                self.reset += 1;
+                EnrollOutcome::Reset
+            }
+            x if x == O::MP_ENROLL_DENIED.0 => {
+                self.denied += 1;
+                EnrollOutcome::Denied
+            }
+            x if x == O::MP_ENROLL_ERROR.0 => {
+                self.errors += 1;
+                EnrollOutcome::Error
+            }
+            _ => EnrollOutcome::Tracked,
+        };
+        self.adopted += 1;
+        self.sockets.push(AdoptedSocket {
+            local: rec.key.local(),
+            remote: rec.key.remote(),
+            outcome,
+        });
+    }
+
+    fn merge(&mut self, other: EnrollReport) {
+        self.adopted += other.adopted;
+        self.enrolled += other.enrolled;
+        self.reset += other.reset;
+        self.denied += other.denied;
+        self.errors += other.errors;
+        self.namespaces += other.namespaces;
+        self.sockets.extend(other.sockets);
+    }
+}
+
 /// How to attach to a cgroup.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -657,6 +934,10 @@ pub struct AttachOptions {
     /// every packet they send or receive (default true). While no policy
     /// is set (`Datapath::replace_policy`), everything passes unchecked.
     pub policy: bool,
+    /// Take over the cgroup's TCP connections established before this
+    /// attach (in the caller's network namespace): judge them, track them,
+    /// enroll them when safe (default true; `Datapath::enroll_existing`).
+    pub enroll_existing: bool,
 }
 
 impl Default for AttachOptions {
@@ -665,6 +946,7 @@ impl Default for AttachOptions {
             short_circuit: true,
             allow_root: false,
             policy: true,
+            enroll_existing: true,
         }
     }
 }
@@ -679,6 +961,13 @@ impl AttachOptions {
     /// Allows the root cgroup.
     pub fn allow_root(mut self, on: bool) -> Self {
         self.allow_root = on;
+        self
+    }
+
+    /// Sets whether connections established before the attach are taken
+    /// over.
+    pub fn enroll_existing(mut self, on: bool) -> Self {
+        self.enroll_existing = on;
         self
     }
 

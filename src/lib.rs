@@ -32,6 +32,7 @@ mod error;
 pub mod events;
 mod maps;
 pub mod net;
+mod netns;
 pub mod policy;
 mod probe;
 mod ring;
@@ -44,7 +45,9 @@ pub use attach::CgroupAttachment;
 #[cfg(feature = "tokio")]
 pub use auth::AuthSignalStream;
 pub use auth::{AuthKey, AuthSignal, AuthSignalReader, CertInfo};
-pub use datapath::{AttachOptions, Datapath, DatapathOptions, PortSide};
+pub use datapath::{
+    AdoptedSocket, AttachOptions, Datapath, DatapathOptions, EnrollOutcome, EnrollReport, PortSide,
+};
 pub use error::{Error, Result};
 #[cfg(feature = "tokio")]
 pub use events::FlowStream;

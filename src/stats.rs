@@ -57,6 +57,8 @@ pub struct Counters {
     pub sockets_evicted: u64,
     /// Established flows reset because policy came to deny them.
     pub policy_resets: u64,
+    /// Sockets established before their cgroup was attached, taken over.
+    pub sockets_adopted: u64,
     /// Flow events the ring buffer had no room for (the reader was slow).
     pub events_lost: u64,
     /// Packets folded into an earlier flow event (aggregation).
@@ -106,6 +108,7 @@ impl Counters {
             ("fallback_peer_tcp", self.fallback_peer_tcp),
             ("sockets_evicted", self.sockets_evicted),
             ("policy_resets", self.policy_resets),
+            ("sockets_adopted", self.sockets_adopted),
             ("events_lost", self.events_lost),
             ("events_aggregated", self.events_aggregated),
             ("auth_ok", self.auth_ok),
@@ -391,6 +394,7 @@ pub(crate) fn read(maps: &MapSet) -> Result<Counters> {
         fallback_peer_tcp: get(CounterId::MP_C_FALLBACK_PEER_TCP)?,
         sockets_evicted: get(CounterId::MP_C_SOCK_EVICTED)?,
         policy_resets: get(CounterId::MP_C_POLICY_RESET)?,
+        sockets_adopted: get(CounterId::MP_C_SOCK_ADOPTED)?,
         events_lost: get(CounterId::MP_C_EVENTS_LOST)?,
         events_aggregated: get(CounterId::MP_C_EVENTS_AGGREGATED)?,
         auth_ok: get(CounterId::MP_C_AUTH_OK)?,

@@ -240,3 +240,101 @@ fn one_cgroup_attaches_once_and_nested_cgroups_enroll_once() {
     let again = env.dp.attach_cgroup(child.path()).unwrap();
     drop(again);
 }
+
+#[test]
+fn pinned_attachments_keep_enforcing_with_no_agent_and_are_adopted() {
+    use meshpath::policy::{DefaultAction, Endpoint, Rule};
+    require_root();
+    let pins = PinDir::new("links");
+    let cg = ScopedCgroup::new("mp-test-pinned-links").unwrap();
+    let fe = "spiffe://mesh.local/ns/shop/sa/frontend";
+    let db = "spiffe://mesh.local/ns/db/sa/postgres";
+    let l = {
+        let _in = cg.enter().unwrap();
+        std::net::TcpListener::bind("127.0.0.3:0").unwrap()
+    };
+    let port = l.local_addr().unwrap().port();
+    let state = meshpath::policy::PolicyState {
+        default_action: DefaultAction::Deny,
+        endpoints: vec![
+            Endpoint::new("127.0.0.2", fe).unwrap(),
+            Endpoint::new("127.0.0.3", db).unwrap(),
+        ],
+        policies: vec![Rule::new(fe, db, "tcp", &[port], "allow").unwrap()],
+    };
+    let connect = |src: &str| -> std::io::Result<std::net::TcpStream> {
+        use nix::sys::socket::*;
+        let _in = cg.enter().unwrap();
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        let src: std::net::SocketAddr = format!("{src}:0").parse().unwrap();
+        bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &SockaddrStorage::from(src),
+        )?;
+        let s = std::net::TcpStream::from(fd);
+        let dst: std::net::SocketAddr = format!("127.0.0.3:{port}").parse().unwrap();
+        connect(
+            std::os::fd::AsRawFd::as_raw_fd(&s),
+            &SockaddrStorage::from(dst),
+        )?;
+        Ok(s)
+    };
+    let eperm = |r: std::io::Result<std::net::TcpStream>| matches!(r, Err(e) if e.raw_os_error() == Some(libc::EPERM));
+    {
+        let dp = Datapath::load(&DatapathOptions::default().pin_dir(&pins.0)).unwrap();
+        let att = dp.attach_cgroup(cg.path()).unwrap();
+        assert!(att.is_pinned());
+        dp.replace_policy(&state).unwrap();
+        assert!(connect("127.0.0.2").is_ok());
+        assert!(eperm(connect("127.0.0.4")));
+        // The agent exits: guard and datapath dropped.
+    }
+    // No agent runs: the pinned links and maps keep enforcing.
+    assert!(connect("127.0.0.2").is_ok(), "still allowed with no agent");
+    assert!(eperm(connect("127.0.0.4")), "still denied with no agent");
+    // A new agent adopts the pins: same cgroup, no gap, new policy works.
+    let dp = Datapath::load(&DatapathOptions::default().pin_dir(&pins.0)).unwrap();
+    let before = dp.counters().unwrap();
+    let att = dp.attach_cgroup(cg.path()).unwrap();
+    assert!(
+        eperm(connect("127.0.0.4")),
+        "the adopted policy still holds"
+    );
+    let (c, _s) = {
+        let c = connect("127.0.0.2").unwrap();
+        let s = l.accept().unwrap();
+        (c, s)
+    };
+    assert!(
+        dp.counters().unwrap().since(&before).sockets_enrolled >= 2,
+        "the adopted sockops program enrolls"
+    );
+    drop(c);
+    let mut open = state.clone();
+    open.default_action = DefaultAction::Allow;
+    open.policies.clear();
+    dp.replace_policy(&open).unwrap();
+    assert!(
+        connect("127.0.0.4").is_ok(),
+        "the new agent's policy applies"
+    );
+    // Cleanup detaches and unpins everything.
+    drop(att);
+    drop(dp);
+    assert!(meshpath::bpffs::remove_pins(&pins.0).unwrap() >= 10);
+    assert!(!pins.0.exists());
+    let out = std::process::Command::new("bpftool")
+        .args(["cgroup", "show", cg.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !shown.contains("meshpath"),
+        "nothing left attached: {shown}"
+    );
+}

@@ -83,6 +83,18 @@ struct {
 	__type(value, __u32);
 } meshpath_local_nets SEC(".maps");
 
+/*
+ * meshpath_cgroups: key __u64 cgroup id, value __u32 enum mp_cgroup_flags.
+ * Written by the library on attach/detach; read by the TCP iterator that
+ * takes over sockets established before attach (bpf/enroll.bpf.c).
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, __u32);
+} meshpath_cgroups SEC(".maps");
+
 MP_ALWAYS_INLINE void mp_v4_mapped(__u32 out[4], __u32 v4)
 {
 	out[0] = 0;
@@ -153,6 +165,30 @@ MP_ALWAYS_INLINE bool mp_ip_is_loopback(const __u32 ip[4])
 			k->netns = 0;                                          \
 		return true;                                                   \
 	}
+
+MP_ALWAYS_INLINE bool mp_port_bypassed(const struct mp_sock_key *k)
+{
+	__u32 port = k->local_port;
+	__u32 *flags = bpf_map_lookup_elem(&meshpath_bypass_ports, &port);
+
+	if (flags && (*flags & MP_BYPASS_F_LOCAL))
+		return true;
+	port = k->remote_port;
+	flags = bpf_map_lookup_elem(&meshpath_bypass_ports, &port);
+	return flags && (*flags & MP_BYPASS_F_REMOTE);
+}
+
+/* Whether the peer of the socket keyed `k` may be on this host: loopback,
+ * or inside a prefix the library declared local (meshpath_local_nets). */
+MP_ALWAYS_INLINE bool mp_peer_may_be_local(const struct mp_sock_key *k)
+{
+	struct mp_lpm_key lpm = {.prefixlen = 128};
+
+	if (mp_ip_is_loopback(k->remote_ip))
+		return true;
+	__builtin_memcpy(lpm.addr, k->remote_ip, sizeof(lpm.addr));
+	return bpf_map_lookup_elem(&meshpath_local_nets, &lpm) != NULL;
+}
 
 /* The key the peer of the socket keyed by `k` is enrolled under. */
 MP_ALWAYS_INLINE void mp_peer_key(const struct mp_sock_key *k,

@@ -27,7 +27,7 @@
 /* Bumped when any map layout below changes; pinned state carries it
  * (mp_settings.abi_version).  An enum, not a #define, so it reaches BTF. */
 enum mp_abi {
-	MP_ABI_VERSION = 1,
+	MP_ABI_VERSION = 2,
 };
 
 /* ---------------------------------------------------------------------
@@ -118,6 +118,32 @@ struct mp_sock_entry {
 	__u64 rx_bytes;
 };
 
+/* Values of meshpath_cgroups (HASH keyed by __u64 cgroup id): what an
+ * attached cgroup's sockets get, for programs that do not run through the
+ * cgroup's own attachments (the TCP iterator that takes over sockets
+ * established before attach). */
+enum mp_cgroup_flags {
+	MP_CG_SHORTCIRCUIT = 1 << 0,
+	MP_CG_POLICY = 1 << 1,
+};
+
+/* What the TCP iterator that takes over established sockets
+ * (bpf/enroll.bpf.c) did with one socket: mp_enroll_record.outcome. */
+enum mp_enroll_outcome {
+	MP_ENROLL_TRACKED = 1,	/* tracked for policy; both ways on TCP */
+	MP_ENROLL_ENROLLED = 2, /* in the short-circuit map */
+	MP_ENROLL_RESET = 3,	/* policy denies its flow: reset */
+	MP_ENROLL_DENIED = 4,	/* policy denies it; the reset failed */
+	MP_ENROLL_ERROR = 5,	/* the short-circuit map refused it */
+};
+
+/* One record per socket taken over, written to the iterator's output. */
+struct mp_enroll_record {
+	struct mp_sock_key key;
+	__u32 outcome; /* enum mp_enroll_outcome */
+	__u32 mode;    /* enum mp_dir_mode of its sends when enrolled */
+};
+
 /* Bits of mp_sock_entry.flags: what a socket asks of its peers. */
 enum mp_sock_flags {
 	MP_SOCK_F_NO_REDIRECT = 1 << 0, /* deliver to me through TCP */
@@ -166,6 +192,7 @@ enum mp_counter {
 	MP_C_FALLBACK_PEER_TCP,	   /* ... because the peer went TCP */
 	MP_C_SOCK_EVICTED, /* sockets that left the map, both ways TCP */
 	MP_C_POLICY_RESET, /* established flows reset: policy now denies */
+	MP_C_SOCK_ADOPTED, /* sockets established before attach, taken over */
 	MP_C_EVENTS_LOST,  /* flow events the ring buffer had no room for */
 	MP_C_EVENTS_AGGREGATED,	   /* packets folded into an earlier event */
 	MP_C_AUTH_OK,		   /* auth flows that found a live entry */
@@ -424,6 +451,9 @@ struct mp_abi_anchor {
 	struct mp_auth_signal auth_signal; /* ditto */
 	enum mp_sock_flags sock_flags;
 	enum mp_bypass_flags bypass_flags;
+	enum mp_cgroup_flags cgroup_flags;
+	enum mp_enroll_outcome enroll_outcome;
+	struct mp_enroll_record enroll_record;
 	enum mp_counter counter;
 	enum mp_dir_mode dir_mode;
 	enum mp_sock_reason reason;

@@ -14,7 +14,6 @@ pub mod identity;
 pub mod model;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::fd::AsFd;
 
 pub use identity::{derive_number, Identity, IdentityMap, SpiffeId};
 pub use model::{Action, DefaultAction, Endpoint, NodeName, Peer, PolicyState, Protocol, Rule};
@@ -242,55 +241,30 @@ impl Datapath {
         }))
     }
 
-    /// Resets every established TCP flow in the caller's network namespace
-    /// that meshpath tracks (established in an attached cgroup) and that
-    /// the live policy denies: the peer gets a RST, the application
-    /// ECONNABORTED. Returns how many. `replace_policy` runs it.
+    /// Resets every established TCP flow that meshpath tracks
+    /// (established in an attached cgroup) and that the live policy
+    /// denies: the peer gets a RST, the application ECONNABORTED. Covers
+    /// the caller's network namespace and every namespace a process of an
+    /// attached cgroup is in. Returns how many. `replace_policy` runs it.
     pub fn reset_denied_flows(&self) -> Result<u64> {
-        let before = self.counters()?.policy_resets;
-        let link = self
-            .inner
-            .reset
-            .progs
-            .meshpath_reset
-            .attach()
-            .map_err(|source| Error::Attach {
-                program: "meshpath_reset",
-                target: "a TCP socket iterator".into(),
-                source,
-            })?;
-        let mut it = libbpf_rs::Iter::new(&link).map_err(|source| Error::Attach {
-            program: "meshpath_reset",
-            target: "a TCP socket iterator (open)".into(),
-            source,
-        })?;
-        let mut sink = Vec::new();
-        std::io::Read::read_to_end(&mut it, &mut sink)
-            .map_err(|e| Error::io("running the reset iterator", "iter/tcp", e))?;
-        Ok(self.counters()?.policy_resets.saturating_sub(before))
+        let mut n = 0;
+        for ns in crate::netns::namespaces_of(&self.attached_cgroups())? {
+            n += ns.run(|| self.reset_here())?;
+        }
+        Ok(n)
     }
 
     /// Like [`Datapath::reset_denied_flows`], in the network namespace at
-    /// `netns` (e.g. `/run/netns/NAME` or `/proc/PID/ns/net`).
+    /// `netns` only (e.g. `/run/netns/NAME` or `/proc/PID/ns/net`).
     pub fn reset_denied_flows_in(&self, netns: &std::path::Path) -> Result<u64> {
-        let ns = std::fs::File::open(netns).map_err(|e| Error::io("opening netns", netns, e))?;
-        let dp = self.clone();
-        std::thread::scope(|scope| {
-            scope
-                .spawn(move || {
-                    nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-                        .map_err(|e| Error::io("entering netns", netns, std::io::Error::from(e)))?;
-                    dp.reset_denied_flows()
-                })
-                .join()
-                .unwrap_or_else(|_| {
-                    Err(Error::io(
-                        "running the reset iterator in",
-                        netns,
-                        std::io::Error::other("the thread panicked"),
-                    ))
-                })
-        })
+        crate::netns::Netns::open(netns)?.run(|| self.reset_here())
+    }
+
+    /// Runs the reset iterator in the calling thread's namespace.
+    fn reset_here(&self) -> Result<u64> {
+        let before = self.counters()?.policy_resets;
+        self.run_iterator("meshpath_reset", &self.inner.reset.progs.meshpath_reset)?;
+        Ok(self.counters()?.policy_resets.saturating_sub(before))
     }
 
     fn lock_policy(&self) -> std::sync::MutexGuard<'_, PolicySlot> {

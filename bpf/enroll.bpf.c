@@ -1,0 +1,220 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * Takes over TCP sockets established before the datapath was attached
+ * (a late start, or a restart without pins): a TCP socket iterator (one
+ * network namespace per run, the caller's) visits every socket; those of
+ * an attached cgroup (meshpath_cgroups, the cgroup or an ancestor) that
+ * meshpath does not track yet are judged by policy (a denied flow is
+ * reset), tracked, and enrolled into the short-circuit under the same
+ * rules sockops applies at establishment (ARCHITECTURE.md, "Taking over
+ * existing sockets").  A side that has already sent bytes through TCP
+ * stays on TCP: its peer may not have read them, and redirected bytes
+ * would overtake them.  Run by Datapath::enroll_existing.
+ */
+#include "lib/common.h"
+#include "lib/policy.h"
+#include "lib/settings.h"
+#include "lib/sock.h"
+#include "lib/stats.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+extern int bpf_sock_destroy(struct sock_common *sk) __ksym;
+
+#ifndef SOL_TCP
+#define SOL_TCP 6
+#endif
+#define MP_MAX_CGROUP_DEPTH 16
+
+/* Callbacks an enrolled socket needs (sockops.bpf.c: the close and the
+ * eviction callbacks). */
+#define MP_ENROLLED_CB_FLAGS                                                   \
+	(BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG |               \
+	 BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG)
+
+/* The flags of the nearest attached cgroup of `sk`, 0 when none is. */
+MP_ALWAYS_INLINE __u32 mp_cgroup_flags_of(struct sock *sk)
+{
+	struct cgroup *cg = BPF_CORE_READ(sk, sk_cgrp_data.cgroup);
+	int level, i;
+
+	if (!cg)
+		return 0;
+	level = BPF_CORE_READ(cg, level);
+	for (i = MP_MAX_CGROUP_DEPTH; i >= 0; i--) {
+		struct cgroup *anc;
+		__u32 *flags;
+		__u64 id;
+
+		if (i > level)
+			continue;
+		anc = BPF_CORE_READ(cg, ancestors[i]);
+		if (!anc)
+			continue;
+		id = BPF_CORE_READ(anc, kn, id);
+		flags = bpf_map_lookup_elem(&meshpath_cgroups, &id);
+		if (flags)
+			return *flags;
+	}
+	return 0;
+}
+
+/* Reports what was done with one socket in the iterator's output. */
+MP_ALWAYS_INLINE void mp_enroll_report(struct bpf_iter_meta *meta,
+				       const struct mp_sock_key *key,
+				       __u32 outcome, __u32 mode)
+{
+	struct mp_enroll_record rec = {
+	    .key = *key,
+	    .outcome = outcome,
+	    .mode = mode,
+	};
+
+	bpf_seq_write(meta->seq, &rec, sizeof(rec));
+}
+
+/* Whether a socket in TCP state `state` carries a connection policy has
+ * a say on: established, or closing with data still able to flow. */
+MP_ALWAYS_INLINE bool mp_state_judged(int state)
+{
+	return state == BPF_TCP_ESTABLISHED || state == BPF_TCP_CLOSE_WAIT ||
+	       state == BPF_TCP_FIN_WAIT1 || state == BPF_TCP_FIN_WAIT2;
+}
+
+SEC("iter/tcp")
+int meshpath_enroll(struct bpf_iter__tcp *ctx)
+{
+	struct sock_common *skc = ctx->sk_common;
+	struct mp_sock_entry entry = {};
+	struct mp_sock_key key = {};
+	struct mp_judgement fwd, rev;
+	struct mp_sock_state *st;
+	struct mp_settings *cfg;
+	struct tcp_sock *tp;
+	struct sock *sk;
+	__u32 cgflags;
+	int cb = MP_ENROLLED_CB_FLAGS;
+	bool sent, received;
+	__u64 word;
+	int state;
+
+	if (!skc)
+		return 0;
+	tp = bpf_skc_to_tcp_sock(skc);
+	if (!tp)
+		return 0;
+	sk = &tp->inet_conn.icsk_inet.sk;
+	state = sk->__sk_common.skc_state;
+	if (!mp_state_judged(state))
+		return 0;
+	cgflags = mp_cgroup_flags_of(sk);
+	if (!cgflags)
+		return 0;
+	st = bpf_sk_storage_get(&meshpath_sock_state, sk, 0,
+				BPF_SK_STORAGE_GET_F_CREATE);
+	if (!st || st->tracked)
+		return 0;
+
+	if (sk->__sk_common.skc_family == AF_INET) {
+		mp_v4_mapped(key.local_ip, sk->__sk_common.skc_rcv_saddr);
+		mp_v4_mapped(key.remote_ip, sk->__sk_common.skc_daddr);
+	} else if (sk->__sk_common.skc_family == AF_INET6) {
+		__builtin_memcpy(key.local_ip,
+				 &sk->__sk_common.skc_v6_rcv_saddr, 16);
+		__builtin_memcpy(key.remote_ip, &sk->__sk_common.skc_v6_daddr,
+				 16);
+	} else {
+		return 0;
+	}
+	key.local_port = sk->__sk_common.skc_num;
+	key.remote_port = bpf_ntohs(sk->__sk_common.skc_dport);
+	if (mp_ip_is_loopback(key.local_ip) || mp_ip_is_loopback(key.remote_ip))
+		/* bpf_get_netns_cookie is not offered to iterators; it
+		 * returns this field (net/core/filter.c). */
+		key.netns =
+		    BPF_CORE_READ(sk, __sk_common.skc_net.net, net_cookie);
+
+	/* Which end connected is not recorded by the kernel: the direction
+	 * policy allows tells; when both or neither are allowed, the end with
+	 * the higher port is taken for the client (ephemeral ports are). */
+	word = mp_policy_word();
+	mp_policy_sock_flow_j(word, &key, true, &fwd);
+	mp_policy_sock_flow_j(word, &key, false, &rev);
+	if (mp_verdict_passes(fwd.verdict) && !mp_verdict_passes(rev.verdict))
+		st->client = 1;
+	else if (!mp_verdict_passes(fwd.verdict) &&
+		 mp_verdict_passes(rev.verdict))
+		st->client = 0;
+	else
+		st->client = key.local_port > key.remote_port;
+	st->verdict = st->client ? fwd.verdict : rev.verdict;
+	st->auth_expiry_ns = st->client ? fwd.auth_expiry : rev.auth_expiry;
+	st->policy_gen = mp_policy_gen(word);
+	st->cookie = bpf_get_socket_cookie(sk);
+	st->tracked = 1;
+	mp_count(MP_C_SOCK_ADOPTED);
+	if ((cgflags & MP_CG_POLICY) && mp_policy_on(word) &&
+	    !mp_verdict_passes(st->verdict)) {
+		/* Established before a policy that denies it: cut it. */
+		if (bpf_sock_destroy(skc) == 0) {
+			mp_count(MP_C_POLICY_RESET);
+			mp_enroll_report(ctx->meta, &key, MP_ENROLL_RESET, 0);
+		} else {
+			mp_enroll_report(ctx->meta, &key, MP_ENROLL_DENIED, 0);
+		}
+		return 0;
+	}
+
+	/* This side's bytes already went through TCP (sent, or queued and
+	 * not sent yet): redirected bytes would overtake any the peer has not
+	 * read.  The peer's sends are judged the same way when the iterator
+	 * reaches the peer.  When both sides have, nothing can ever be
+	 * redirected: the socket stays out of the map (no sk_msg cost). */
+	sent = tp->data_segs_out > 0 || tp->write_seq != tp->snd_nxt;
+	received = tp->data_segs_in > 0;
+	cfg = mp_settings();
+	if (state != BPF_TCP_ESTABLISHED || (sent && received) ||
+	    !(cgflags & MP_CG_SHORTCIRCUIT) || !cfg || !cfg->shortcircuit ||
+	    cfg->draining) {
+		mp_enroll_report(ctx->meta, &key, MP_ENROLL_TRACKED,
+				 MP_DIR_TCP);
+		return 0;
+	}
+	if (mp_port_bypassed(&key)) {
+		mp_count(MP_C_SOCK_SKIP_BYPASS);
+		mp_enroll_report(ctx->meta, &key, MP_ENROLL_TRACKED,
+				 MP_DIR_TCP);
+		return 0;
+	}
+	if (!mp_peer_may_be_local(&key)) {
+		mp_count(MP_C_SOCK_SKIP_NONLOCAL);
+		mp_enroll_report(ctx->meta, &key, MP_ENROLL_TRACKED,
+				 MP_DIR_TCP);
+		return 0;
+	}
+	st->rcv_nxt0 = tp->rcv_nxt;
+	if (sent) {
+		st->mode = MP_DIR_TCP;
+		st->reason = MP_REASON_SENT_BEFORE;
+		mp_count(MP_C_FALLBACK_SENT_BEFORE);
+	} else {
+		st->mode = MP_DIR_UNDECIDED;
+		st->reason = MP_REASON_NONE;
+	}
+	entry.cookie = st->cookie;
+	entry.kaddr = (__u64)(unsigned long)sk;
+	if (cfg->optout_rcvlowat && sk->sk_rcvlowat > 1)
+		entry.flags |= MP_SOCK_F_NO_REDIRECT;
+	if (bpf_map_update_elem(&meshpath_sockets, &key, sk, BPF_ANY)) {
+		mp_count(MP_C_SOCK_ENROLL_ERR);
+		mp_enroll_report(ctx->meta, &key, MP_ENROLL_ERROR, MP_DIR_TCP);
+		return 0;
+	}
+	if (bpf_map_update_elem(&meshpath_sock_index, &key, &entry, BPF_ANY))
+		mp_count(MP_C_SOCK_ENROLL_ERR);
+	st->enrolled = 1;
+	bpf_setsockopt(sk, SOL_TCP, TCP_BPF_SOCK_OPS_CB_FLAGS, &cb, sizeof(cb));
+	mp_count(MP_C_SOCK_ENROLLED);
+	mp_enroll_report(ctx->meta, &key, MP_ENROLL_ENROLLED, st->mode);
+	return 0;
+}
