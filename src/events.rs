@@ -292,10 +292,13 @@ impl Flow {
             l4: l4.map(|p| Layer4 { protocol: Some(p) }),
             source: Some(endpoint(self.source_identity, &self.source_name)),
             destination: Some(endpoint(self.destination_identity, &self.destination_name)),
-            r#type: if self.socket_cookie != 0 {
-                FlowType::Sock
-            } else {
+            // Hubble's convention: a verdict on a packet is L3_L4 (even
+            // when the receiving socket is known, as at cgroup ingress);
+            // connect/sendmsg and short-circuit events are socket-level.
+            r#type: if self.kind == FlowKind::Packet {
                 FlowType::L3L4
+            } else {
+                FlowType::Sock
             } as i32,
             node_name: node_name.to_string(),
             traffic_direction: match self.direction {
@@ -420,15 +423,22 @@ impl Datapath {
 impl FlowReader {
     /// The next event, waiting up to `timeout` (`None` when none came).
     pub fn poll(&mut self, timeout: Duration) -> Result<Option<Flow>> {
-        Ok(self.ring.poll(timeout)?.map(|ev| self.to_flow(&ev)))
+        Ok(self.ring.poll(timeout)?.map(|ev| self.flow_of(&ev)))
     }
 
     /// The next event already in the ring, without waiting.
     pub fn try_next(&mut self) -> Result<Option<Flow>> {
-        Ok(self.ring.try_next()?.map(|ev| self.to_flow(&ev)))
+        Ok(self.ring.try_next()?.map(|ev| self.flow_of(&ev)))
     }
 
-    fn to_flow(&mut self, ev: &FlowEvent) -> Flow {
+    /// Drops the events waiting in the ring (written before this reader
+    /// was made, for instance, or left unread by an earlier reader of a
+    /// pinned ring); returns how many.
+    pub fn discard_pending(&mut self) -> Result<usize> {
+        self.ring.discard()
+    }
+
+    fn flow_of(&mut self, ev: &FlowEvent) -> Flow {
         let t = self.wall_offset_ns + i128::from(ev.time_ns);
         let time = SystemTime::UNIX_EPOCH + Duration::from_nanos(t.max(0) as u64);
         let mut f = Flow::from_raw(ev, time);
@@ -509,7 +519,7 @@ impl futures_core::Stream for FlowStream {
     ) -> std::task::Poll<Option<Result<Flow>>> {
         let this = self.get_mut();
         crate::ring::poll_ring(&mut this.reader.ring, &this.fd, cx)
-            .map(|o| o.map(|r| r.map(|ev| this.reader.to_flow(&ev))))
+            .map(|o| o.map(|r| r.map(|ev| this.reader.flow_of(&ev))))
     }
 }
 

@@ -13,7 +13,9 @@ use crate::error::{Error, Result};
 /// Records waiting to be taken; filled by libbpf's callback.
 pub(crate) struct Ring<T: Plain + Default> {
     rb: NonNull<libbpf_sys::ring_buffer>,
-    // Boxed: its address is the callback's context and must not move.
+    // Boxed: its address is the callback's context and must not move
+    // when the Ring does (the VecDeque's own buffer is not the context).
+    #[allow(clippy::box_collection)]
     queue: Box<VecDeque<T>>,
     map: &'static str,
 }
@@ -74,9 +76,16 @@ impl<T: Plain + Default> Ring<T> {
     }
 
     /// The next record, waiting up to `timeout` when none is queued.
+    ///
+    /// The ring reports data as soon as a producer has reserved a record,
+    /// and libbpf stops at a record not yet committed: a wake-up can bring
+    /// nothing. Polls again until the timeout has passed.
     pub(crate) fn poll(&mut self, timeout: Duration) -> Result<Option<T>> {
-        if self.queue.is_empty() {
-            let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        let deadline = std::time::Instant::now() + timeout;
+        while self.queue.is_empty() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            // Round up: a 0 ms poll would spin until the deadline.
+            let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
             // SAFETY: `rb` is a live ring buffer owned by self.
             let r = unsafe { libbpf_sys::ring_buffer__poll(self.rb.as_ptr(), ms) };
             if r < 0 && -r != libc::EINTR {
@@ -86,8 +95,34 @@ impl<T: Plain + Default> Ring<T> {
                     source: std::io::Error::from_raw_os_error(-r),
                 });
             }
+            if self.queue.is_empty() && std::time::Instant::now() >= deadline {
+                break;
+            }
         }
         Ok(self.queue.pop_front())
+    }
+
+    /// Drops every record waiting in the ring and in the queue (left by an
+    /// earlier reader, for instance); returns how many.
+    pub(crate) fn discard(&mut self) -> Result<usize> {
+        let mut n = self.queue.len();
+        self.queue.clear();
+        loop {
+            // SAFETY: `rb` is a live ring buffer owned by self.
+            let r = unsafe { libbpf_sys::ring_buffer__consume(self.rb.as_ptr()) };
+            if r < 0 {
+                return Err(Error::Map {
+                    map: self.map,
+                    op: "reading the ring buffer",
+                    source: std::io::Error::from_raw_os_error(-r),
+                });
+            }
+            if self.queue.is_empty() {
+                return Ok(n);
+            }
+            n += self.queue.len();
+            self.queue.clear();
+        }
     }
 
     /// The next record already in the ring, without waiting.

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use meshpath::policy::{DefaultAction, Endpoint, PolicyState, Rule};
-use meshpath::{AttachOptions, DatapathOptions, Flow, FlowKind, FlowReader, Point, TrafficDirection, Verdict};
+use meshpath::{
+    AttachOptions, DatapathOptions, Flow, FlowKind, FlowReader, Point, TrafficDirection, Verdict,
+};
 
 const FE: &str = "spiffe://mesh.local/ns/shop/sa/frontend";
 const DB: &str = "spiffe://mesh.local/ns/db/sa/postgres";
@@ -18,7 +20,12 @@ const CACHE: &str = "spiffe://mesh.local/ns/shop/sa/cache";
 
 fn connect_from(src: &str, dst: SocketAddr) -> std::io::Result<TcpStream> {
     use nix::sys::socket::*;
-    let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
     let src = SocketAddr::new(src.parse().unwrap(), 0);
     bind(fd.as_raw_fd(), &SockaddrStorage::from(src))?;
     let s = TcpStream::from(fd);
@@ -88,12 +95,20 @@ fn known_traffic_produces_exactly_the_expected_flows() {
     drop(audited);
 
     let flows = drain(&mut reader, Duration::from_millis(500));
-    let of = |k: FlowKind, v: Verdict| flows.iter().filter(|f| f.kind == k && f.verdict == v).collect::<Vec<_>>();
+    let of = |k: FlowKind, v: Verdict| {
+        flows
+            .iter()
+            .filter(|f| f.kind == k && f.verdict == v)
+            .collect::<Vec<_>>()
+    };
 
     let allowed = of(FlowKind::Policy, Verdict::Allow);
     assert_eq!(allowed.len(), 1, "{flows:#?}");
     let a = allowed[0];
-    assert_eq!((a.point, a.source, a.destination), (Point::Connect, ip("127.0.0.2"), ip("127.0.0.3")));
+    assert_eq!(
+        (a.point, a.source, a.destination),
+        (Point::Connect, ip("127.0.0.2"), ip("127.0.0.3"))
+    );
     assert_eq!(a.destination_port, db_addr.port());
     assert_eq!(a.source_name.as_deref(), Some(FE));
     assert_eq!(a.destination_name.as_deref(), Some(DB));
@@ -103,31 +118,54 @@ fn known_traffic_produces_exactly_the_expected_flows() {
 
     let opened = of(FlowKind::ShortCircuitOpen, Verdict::Allow);
     assert_eq!(opened.len(), 1, "{flows:#?}");
-    assert_eq!((opened[0].source_port, opened[0].destination_port), (client_port, db_addr.port()));
+    assert_eq!(
+        (opened[0].source_port, opened[0].destination_port),
+        (client_port, db_addr.port())
+    );
     let closed = of(FlowKind::ShortCircuitClose, Verdict::Allow);
     assert_eq!(closed.len(), 1, "{flows:#?}");
     let t = closed[0].short_circuit.unwrap();
-    assert_eq!((t.tx_messages, t.tx_bytes, t.rx_messages, t.rx_bytes), (10, 1000, 10, 600));
+    assert_eq!(
+        (t.tx_messages, t.tx_bytes, t.rx_messages, t.rx_bytes),
+        (10, 1000, 10, 600)
+    );
 
     let denied = of(FlowKind::Policy, Verdict::Deny);
     assert_eq!(denied.len(), 1, "{flows:#?}");
-    assert_eq!((denied[0].source, denied[0].rule), (ip("127.0.0.4"), Some(1)));
+    assert_eq!(
+        (denied[0].source, denied[0].rule),
+        (ip("127.0.0.4"), Some(1))
+    );
     assert_eq!(denied[0].count, 1);
 
     let audit = of(FlowKind::Policy, Verdict::Audit);
     assert_eq!(audit.len(), 1, "{flows:#?}");
-    assert_eq!((audit[0].destination_port, audit[0].rule), (cache_addr.port(), Some(2)));
+    assert_eq!(
+        (audit[0].destination_port, audit[0].rule),
+        (cache_addr.port(), Some(2))
+    );
     // The audited flow's first packet is reported where it leaves and
     // where it arrives (both ends are in the cgroup), once each.
     let audit_pkts = of(FlowKind::Packet, Verdict::Audit);
     let mut points: Vec<Point> = audit_pkts.iter().map(|f| f.point).collect();
     points.sort();
     assert_eq!(points, vec![Point::Ingress, Point::Egress], "{flows:#?}");
-    assert!(audit_pkts.iter().all(|f| f.tcp_flags & 0x12 == 0x02), "the SYN");
+    assert!(
+        audit_pkts.iter().all(|f| f.tcp_flags & 0x12 == 0x02),
+        "the SYN"
+    );
 
     // Audit passes: that connection is short-circuited too.
-    assert_eq!(of(FlowKind::ShortCircuitOpen, Verdict::Audit).len(), 1, "{flows:#?}");
-    assert_eq!(of(FlowKind::ShortCircuitClose, Verdict::Audit).len(), 1, "{flows:#?}");
+    assert_eq!(
+        of(FlowKind::ShortCircuitOpen, Verdict::Audit).len(),
+        1,
+        "{flows:#?}"
+    );
+    assert_eq!(
+        of(FlowKind::ShortCircuitClose, Verdict::Audit).len(),
+        1,
+        "{flows:#?}"
+    );
 
     assert_eq!(flows.len(), 9, "nothing else: {flows:#?}");
     // The protobuf carries the same facts.
@@ -161,16 +199,31 @@ fn a_flood_of_denied_datagrams_is_aggregated_and_accounted_for() {
     let flows = drain(&mut reader, Duration::from_millis(300));
     let d = env.counters().since(&before);
     let v = env.dp.verdicts().unwrap().since(&vbefore);
-    assert_eq!(v.get(Point::Ingress, Verdict::Deny), n, "every datagram judged and dropped");
-    let drops: Vec<_> = flows.iter().filter(|f| f.kind == FlowKind::Packet).collect();
-    assert!(!drops.is_empty() && drops.len() < 50, "aggregated: {} events", drops.len());
+    assert_eq!(
+        v.get(Point::Ingress, Verdict::Deny),
+        n,
+        "every datagram judged and dropped"
+    );
+    let drops: Vec<_> = flows
+        .iter()
+        .filter(|f| f.kind == FlowKind::Packet)
+        .collect();
+    assert!(
+        !drops.is_empty() && drops.len() < 50,
+        "aggregated: {} events",
+        drops.len()
+    );
     // Each datagram either sent an event or was folded into a later one.
     assert_eq!(drops.len() as u64 + d.events_aggregated, n, "{d:?}");
     let reported: u64 = drops.iter().map(|f| u64::from(f.count)).sum();
     assert!(reported <= n);
     assert_eq!(d.events_lost, 0);
-    db.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-    assert!(db.recv_from(&mut [0u8; 8]).is_err(), "nothing was delivered");
+    db.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    assert!(
+        db.recv_from(&mut [0u8; 8]).is_err(),
+        "nothing was delivered"
+    );
 }
 
 #[test]
@@ -209,7 +262,10 @@ fn events_the_ring_has_no_room_for_are_counted() {
     assert!(d.events_lost > 0, "a 32-event ring overflowed: {d:?}");
     // Every event was either read or counted as lost: nothing vanished.
     let all_events = flows.len() as u64 + d.events_lost;
-    assert!(all_events >= n as u64 * 3, "connect + open + close per connection: {all_events}");
+    assert!(
+        all_events >= n as u64 * 3,
+        "connect + open + close per connection: {all_events}"
+    );
     assert!(connects <= n as u64);
 }
 
@@ -220,7 +276,10 @@ fn flows_arrive_as_a_tokio_stream() {
     let addr = l.local_addr().unwrap();
     env.dp.replace_policy(&PolicyState::default()).unwrap();
     let reader = env.dp.flows().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let pair = env.inside(|| {
         let c = connect_from("127.0.0.2", addr).unwrap();
         let (s, _) = l.accept().unwrap();
@@ -243,5 +302,9 @@ fn flows_arrive_as_a_tokio_stream() {
     });
     drop(pair);
     let kinds: Vec<FlowKind> = got.iter().map(|f| f.kind).collect();
-    assert_eq!(kinds, vec![FlowKind::Policy, FlowKind::ShortCircuitOpen], "{got:#?}");
+    assert_eq!(
+        kinds,
+        vec![FlowKind::Policy, FlowKind::ShortCircuitOpen],
+        "{got:#?}"
+    );
 }

@@ -312,12 +312,12 @@ fn flows_json_prints_exactly_the_expected_lines() {
     assert_eq!(dropped["IP"], ipv4("127.0.0.4"));
     assert_eq!(dropped["source"], world);
     // The receiving socket is known at cgroup ingress: the event carries
-    // its cookie, and the protobuf calls a flow with a cookie SOCK.
+    // its cookie; a packet verdict is still L3_L4 (as in Hubble).
     let cookie = dropped["socket_cookie"]
         .as_str()
         .expect("the listener's cookie");
     assert!(cookie.parse::<u64>().unwrap() > 0);
-    assert_eq!(dropped["Type"], "SOCK");
+    assert_eq!(dropped["Type"], "L3_L4");
     assert_eq!(dropped["interface"]["name"], "lo");
     assert_eq!(dropped["drop_reason_desc"], "POLICY_DENIED");
     assert_eq!(

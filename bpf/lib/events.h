@@ -106,8 +106,9 @@ MP_ALWAYS_INLINE void mp_event_aggregate(struct mp_flow_event *ev)
 			mp_count(MP_C_EVENTS_AGGREGATED);
 			return;
 		}
-		ev->count = 1 + v->suppressed;
-		v->suppressed = 0;
+		/* An exchange: a fold on another CPU between a read and a
+		 * store of 0 would be lost from the counts. */
+		ev->count = 1 + __sync_lock_test_and_set(&v->suppressed, 0);
 		v->last_ns = now;
 	} else {
 		ev->count = 1;
