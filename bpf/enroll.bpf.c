@@ -7,12 +7,15 @@
  * meshpath does not track yet are judged by policy (a denied flow is
  * reset), tracked, and enrolled into the short-circuit under the same
  * rules sockops applies at establishment (ARCHITECTURE.md, "Taking over
- * existing sockets").  A side that has already sent bytes through TCP
- * stays on TCP: its peer may not have read them, and redirected bytes
- * would overtake them.  Run by Datapath::enroll_existing.
+ * existing sockets").  A socket with a task asleep in it stays out (that
+ * task runs the plain TCP code, blind to redirected bytes).  The sends of
+ * a socket taken over take TCP until redirecting cannot overtake or strand
+ * a byte (mp_adopted_may_redirect in sk_msg.bpf.c).  Run by
+ * Datapath::enroll_existing, once per network namespace.
  */
 #include "lib/common.h"
 #include "lib/policy.h"
+#include "lib/psock.h"
 #include "lib/settings.h"
 #include "lib/sock.h"
 #include "lib/stats.h"
@@ -94,7 +97,6 @@ int meshpath_enroll(struct bpf_iter__tcp *ctx)
 	struct sock *sk;
 	__u32 cgflags;
 	int cb = MP_ENROLLED_CB_FLAGS;
-	bool sent, received;
 	__u64 word;
 	int state;
 
@@ -165,17 +167,9 @@ int meshpath_enroll(struct bpf_iter__tcp *ctx)
 		return 0;
 	}
 
-	/* This side's bytes already went through TCP (sent, or queued and
-	 * not sent yet): redirected bytes would overtake any the peer has not
-	 * read.  The peer's sends are judged the same way when the iterator
-	 * reaches the peer.  When both sides have, nothing can ever be
-	 * redirected: the socket stays out of the map (no sk_msg cost). */
-	sent = tp->data_segs_out > 0 || tp->write_seq != tp->snd_nxt;
-	received = tp->data_segs_in > 0;
 	cfg = mp_settings();
-	if (state != BPF_TCP_ESTABLISHED || (sent && received) ||
-	    !(cgflags & MP_CG_SHORTCIRCUIT) || !cfg || !cfg->shortcircuit ||
-	    cfg->draining) {
+	if (state != BPF_TCP_ESTABLISHED || !(cgflags & MP_CG_SHORTCIRCUIT) ||
+	    !cfg || !cfg->shortcircuit || cfg->draining) {
 		mp_enroll_report(ctx->meta, &key, MP_ENROLL_TRACKED,
 				 MP_DIR_TCP);
 		return 0;
@@ -192,17 +186,26 @@ int meshpath_enroll(struct bpf_iter__tcp *ctx)
 				 MP_DIR_TCP);
 		return 0;
 	}
-	st->rcv_nxt0 = tp->rcv_nxt;
-	if (sent) {
-		st->mode = MP_DIR_TCP;
-		st->reason = MP_REASON_SENT_BEFORE;
-		mp_count(MP_C_FALLBACK_SENT_BEFORE);
-	} else {
-		st->mode = MP_DIR_UNDECIDED;
-		st->reason = MP_REASON_NONE;
+	/* A task asleep in recv() or send() on it runs the plain TCP code
+	 * until it returns: its reads would never see redirected bytes, its
+	 * writes would pass sk_msg.  Leave such a socket on TCP. */
+	if (mp_sock_syscall_sleepers((__u64)(unsigned long)sk,
+				     cfg->woken_wake_fn)) {
+		mp_enroll_report(ctx->meta, &key, MP_ENROLL_BLOCKED,
+				 MP_DIR_TCP);
+		return 0;
 	}
+	/* Bytes already sent through TCP are not overtaken: this socket's
+	 * sends take TCP until the peer's application has read them all (see
+	 * mp_adopted_may_redirect in sk_msg.bpf.c). */
+	st->rcv_nxt0 = tp->rcv_nxt;
+	st->mode = MP_DIR_UNDECIDED;
+	st->reason = MP_REASON_NONE;
+	st->adopted = 1;
 	entry.cookie = st->cookie;
 	entry.kaddr = (__u64)(unsigned long)sk;
+	entry.flags = MP_SOCK_F_ADOPTED;
+	entry.adopted_ns = bpf_ktime_get_ns();
 	if (cfg->optout_rcvlowat && sk->sk_rcvlowat > 1)
 		entry.flags |= MP_SOCK_F_NO_REDIRECT;
 	if (bpf_map_update_elem(&meshpath_sockets, &key, sk, BPF_ANY)) {
@@ -213,7 +216,10 @@ int meshpath_enroll(struct bpf_iter__tcp *ctx)
 	if (bpf_map_update_elem(&meshpath_sock_index, &key, &entry, BPF_ANY))
 		mp_count(MP_C_SOCK_ENROLL_ERR);
 	st->enrolled = 1;
-	bpf_setsockopt(sk, SOL_TCP, TCP_BPF_SOCK_OPS_CB_FLAGS, &cb, sizeof(cb));
+	/* Without the close callback the entries would wait for a sweep. */
+	if (bpf_setsockopt(sk, SOL_TCP, TCP_BPF_SOCK_OPS_CB_FLAGS, &cb,
+			   sizeof(cb)))
+		mp_count(MP_C_SOCK_ENROLL_ERR);
 	mp_count(MP_C_SOCK_ENROLLED);
 	mp_enroll_report(ctx->meta, &key, MP_ENROLL_ENROLLED, st->mode);
 	return 0;

@@ -44,6 +44,58 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 MP_DEFINE_KEY_FROM_CTX(mp_key_from_msg, struct sk_msg_md)
 
+/* Sends of a connection taken over that may take TCP while waiting for
+ * the redirect to become safe, before the direction settles on TCP. */
+#define MP_ADOPT_TRIES 255
+
+/*
+ * Whether this direction of a connection taken over after it was
+ * established (bpf/enroll.bpf.c; `pe` the peer's entry) may start
+ * redirecting now.  Until it may, its sends take TCP without deciding
+ * (the direction stays undecided), so two conditions suffice:
+ *
+ * Nothing to overtake: every byte this socket ever queued to TCP has been
+ * read by the peer's application (our write_seq is its copied_seq).
+ *
+ * Nobody to strand: a read of the peer's that entered the plain TCP code
+ * before the takeover stays there until it returns, and that code never
+ * looks at the sk_msg queue.  The takeover skips sockets with a task
+ * asleep in them; what remains is a read that was between entering
+ * recvmsg and taking the socket lock at that moment.  It shows as the
+ * lock being held, or, once asleep, as one sleeper more than the psock
+ * references (reads through the sk_msg path hold one while they sleep;
+ * the map holds one); a read preempted before the lock has had
+ * adopt_settle_ms to get there.  (A plain sleeper can still hide behind a
+ * reference held by a send of the peer's in flight at that instant:
+ * ARCHITECTURE.md, "Taking over existing sockets".)
+ */
+MP_ALWAYS_INLINE bool mp_adopted_may_redirect(struct bpf_sock *sk,
+					      const struct mp_sock_entry *pe,
+					      const struct mp_settings *cfg)
+{
+	__u64 settle = (__u64)cfg->adopt_settle_ms * 1000000ULL;
+	struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
+	struct mp_psock_view v;
+	__u32 sleepers;
+
+	if (!tp || !pe->kaddr)
+		return false;
+	if (tp->write_seq != mp_sock_copied_seq(pe->kaddr))
+		return false;
+	if (!(pe->flags & MP_SOCK_F_ADOPTED))
+		return true;
+	if (bpf_ktime_get_ns() - pe->adopted_ns < settle)
+		return false;
+	if (mp_sock_owned(pe->kaddr))
+		return false;
+	sleepers = mp_sock_syscall_sleepers(pe->kaddr, cfg->woken_wake_fn);
+	if (!sleepers)
+		return true;
+	v = mp_psock_view(pe->kaddr);
+	return v.present && sleepers != MP_SLEEPERS_UNKNOWN &&
+	       sleepers + 1 <= v.refcnt;
+}
+
 /* This direction takes TCP for good; tell the peer through our index
  * entry so that it can follow and both can leave the short-circuit. */
 MP_ALWAYS_INLINE void mp_go_tcp(struct mp_sock_state *st,
@@ -142,6 +194,22 @@ int meshpath_sk_msg(struct sk_msg_md *msg)
 	if (entry->flags & MP_SOCK_F_TX_TCP)
 		return mp_fallback(st, &key, size, MP_C_FALLBACK_PEER_TCP,
 				   MP_REASON_PEER_TCP);
+	if (st->mode == MP_DIR_UNDECIDED &&
+	    (st->adopted || (entry->flags & MP_SOCK_F_ADOPTED)) &&
+	    !mp_adopted_may_redirect(sk, entry, cfg)) {
+		if (st->adopt_tries >= MP_ADOPT_TRIES)
+			return mp_fallback(st, &key, size,
+					   MP_C_FALLBACK_ADOPTED,
+					   MP_REASON_ADOPTED);
+		/* TCP for this message, the direction still undecided. */
+		st->adopt_tries++;
+		st->msgs_tcp++;
+		st->bytes_tcp += size;
+		mp_count(MP_C_FALLBACK_ADOPTED);
+		mp_count(MP_C_MSG_FALLBACK);
+		mp_count_add(MP_C_BYTES_FALLBACK, size);
+		return SK_PASS;
+	}
 
 	if (cfg->busy_detect && entry->kaddr &&
 	    (entry->flags & MP_SOCK_F_TX_REDIRECT)) {

@@ -86,6 +86,48 @@ impl CgroupAttachment {
         self.links.iter().map(|(n, _)| *n).collect()
     }
 
+    /// The pins of this attachment's links that are missing (removed from
+    /// under the datapath); empty when it is not pinned.
+    pub fn missing_pins(&self) -> Vec<std::path::PathBuf> {
+        self.pin_paths()
+            .into_iter()
+            .filter(|(_, p)| !p.exists())
+            .map(|(_, p)| p)
+            .collect()
+    }
+
+    /// Pins again every link whose pin was removed (the links themselves
+    /// never went away: this guard holds them); returns the paths pinned.
+    pub fn repin(&self) -> Result<Vec<std::path::PathBuf>> {
+        let mut done = Vec::new();
+        for (i, path) in self.pin_paths() {
+            if path.exists() {
+                continue;
+            }
+            let (_, link) = &self.links[i];
+            crate::maps::pin_fd(link.as_fd(), &path)?;
+            done.push(path);
+        }
+        Ok(done)
+    }
+
+    fn pin_paths(&self) -> Vec<(usize, std::path::PathBuf)> {
+        match (&self._datapath.pin_dir, self.pinned) {
+            (Some(dir), true) => self
+                .links
+                .iter()
+                .enumerate()
+                .map(|(i, (hook, _))| {
+                    (
+                        i,
+                        dir.join(crate::datapath::link_pin_name(self.cgroup.id(), hook)),
+                    )
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Detaches now, reporting failures. Dropping detaches too, silently,
     /// unless the links are pinned: then only this does (and unpins them).
     pub fn detach(mut self) -> Result<()> {

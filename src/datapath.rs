@@ -124,6 +124,12 @@ pub struct DatapathOptions {
     /// At most this many auth-required signals per second and CPU (default
     /// 1,000); the rest are counted as dropped.
     pub auth_signal_rate: u32,
+    /// Redirects into a socket taken over by [`Datapath::enroll_existing`]
+    /// start no sooner than this after the takeover (default 1 s): a read
+    /// already inside the kernel's plain TCP code when the socket was
+    /// taken over must have gone to sleep or returned first (ARCHITECTURE.md,
+    /// "Taking over existing sockets"). At most 60 s.
+    pub adopt_settle: std::time::Duration,
 }
 
 impl Default for DatapathOptions {
@@ -143,6 +149,7 @@ impl Default for DatapathOptions {
             max_auth: 16_384,
             auth_signal_interval: std::time::Duration::from_secs(1),
             auth_signal_rate: 1000,
+            adopt_settle: std::time::Duration::from_secs(1),
         }
     }
 }
@@ -175,6 +182,12 @@ impl DatapathOptions {
     /// Sets the auth signal rate limit (per second and CPU).
     pub fn auth_signal_rate(mut self, n: u32) -> Self {
         self.auth_signal_rate = n;
+        self
+    }
+
+    /// Sets how long redirects into a socket taken over wait.
+    pub fn adopt_settle(mut self, d: std::time::Duration) -> Self {
+        self.adopt_settle = d;
         self
     }
 
@@ -221,6 +234,12 @@ impl DatapathOptions {
     }
 
     fn validate(&self) -> Result<()> {
+        if self.adopt_settle > std::time::Duration::from_secs(60) {
+            return Err(Error::invalid(
+                "adopt_settle",
+                format!("{:?} is longer than 60 s", self.adopt_settle),
+            ));
+        }
         let ring = self.event_ring_bytes;
         if ring < 4096 || !ring.is_power_of_two() || ring > 1 << 30 {
             return Err(Error::invalid(
@@ -404,6 +423,8 @@ impl Datapath {
                     .as_millis()
                     .min(u128::from(u32::MAX)) as u32,
                 auth_signal_rate: opts.auth_signal_rate,
+                woken_wake_fn: probe::kernel_symbol("woken_wake_function").unwrap_or(0),
+                adopt_settle_ms: opts.adopt_settle.as_millis() as u32,
                 ..Default::default()
             },
         )?;
@@ -468,13 +489,13 @@ impl Datapath {
                 path: cg.path().to_path_buf(),
             });
         }
-        if !self
+        if self
             .inner
             .attached
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(cg.id(), cg.path().to_path_buf())
-            .is_none()
+            .is_some()
         {
             return Err(Error::Cgroup {
                 path: cg.path().to_path_buf(),
@@ -587,14 +608,16 @@ impl Datapath {
     }
 
     /// Takes over TCP connections of attached cgroups established before
-    /// they were attached: each is judged by policy (a denied one is
-    /// reset), tracked, and enrolled into the short-circuit when that is
-    /// safe (a side whose bytes already went through TCP keeps sending
-    /// through TCP; a connection both sides already used stays out of the
-    /// short-circuit). Covers the caller's network namespace and every
-    /// namespace a process of an attached cgroup is in. Attaching does
-    /// this by default ([`AttachOptions::enroll_existing`]); sockets
-    /// already tracked are left alone, so running it again is harmless.
+    /// they were attached (a late start, a restart without pins): each is
+    /// judged by policy (a denied one is reset), tracked, and enrolled
+    /// into the short-circuit unless a task sleeps in a read or write on
+    /// it. A socket taken over keeps sending through TCP until redirecting
+    /// can neither overtake its earlier bytes nor strand them behind a
+    /// read from before (ARCHITECTURE.md, "Taking over existing sockets").
+    /// Covers the caller's network namespace and every namespace a
+    /// process of an attached cgroup is in. Attaching does this by default
+    /// ([`AttachOptions::enroll_existing`]); sockets already tracked are
+    /// left alone, so running it again is harmless.
     pub fn enroll_existing(&self) -> Result<EnrollReport> {
         let mut report = EnrollReport::default();
         for ns in crate::netns::namespaces_of(&self.attached_cgroups())? {
@@ -698,6 +721,69 @@ impl Datapath {
     /// What the load-time probe found about this kernel.
     pub fn quirks(&self) -> &KernelQuirks {
         &self.inner.quirks
+    }
+
+    /// Whether this datapath adopted pinned state (maps, and with them the
+    /// policy and the sockets of a previous datapath) rather than creating
+    /// it.
+    pub fn adopted_pins(&self) -> bool {
+        self.inner
+            .maps
+            .get("meshpath_settings")
+            .is_some_and(|m| m.adopted)
+    }
+
+    /// The datapath's own pins (maps and the sk_msg link) that are missing
+    /// from the pin directory: removed from under it. Empty without a pin
+    /// directory. Cgroup and XDP links: `CgroupAttachment::missing_pins`,
+    /// `XdpAttachment::missing_pin`.
+    pub fn missing_pins(&self) -> Vec<PathBuf> {
+        let Some(dir) = &self.inner.pin_dir else {
+            return Vec::new();
+        };
+        let mut out: Vec<PathBuf> = self
+            .inner
+            .maps
+            .names()
+            .map(|n| dir.join(n))
+            .filter(|p| !p.exists())
+            .collect();
+        if matches!(self.inner._msg_attach, SockmapAttachment::Link(_)) {
+            let p = dir.join(crate::attach::SK_MSG_LINK_PIN);
+            if !p.exists() {
+                out.push(p);
+            }
+        }
+        out
+    }
+
+    /// Pins again what [`Datapath::missing_pins`] lists (recreating the
+    /// directory if it went too): the maps and links never went away, this
+    /// datapath holds them, so nothing is lost and a later datapath can
+    /// adopt them again. Returns the paths pinned.
+    pub fn repin(&self) -> Result<Vec<PathBuf>> {
+        let Some(dir) = &self.inner.pin_dir else {
+            return Ok(Vec::new());
+        };
+        let missing = self.missing_pins();
+        if missing.is_empty() {
+            return Ok(missing);
+        }
+        crate::bpffs::prepare_pin_dir(dir)?;
+        for path in &missing {
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            if name == crate::attach::SK_MSG_LINK_PIN {
+                if let SockmapAttachment::Link(link) = &self.inner._msg_attach {
+                    maps::pin_fd(link.as_fd(), path)?;
+                }
+            } else if let Some(m) = self.inner.maps.get(name) {
+                maps::pin_fd(m.fd.as_fd(), path)?;
+            }
+        }
+        Ok(missing)
     }
 
     /// The pin directory, when the maps are pinned.
@@ -840,6 +926,8 @@ pub struct EnrollReport {
     pub denied: u64,
     /// The short-circuit map refused them (full): they stay on TCP.
     pub errors: u64,
+    /// Left on TCP: a thread was asleep in a read or write on them.
+    pub blocked: u64,
     /// Network namespaces searched.
     pub namespaces: usize,
     /// Every socket taken over, with what happened to it.
@@ -864,18 +952,22 @@ pub struct AdoptedSocket {
 pub enum EnrollOutcome {
     /// Tracked for policy; both directions stay on TCP.
     Tracked,
-    /// In the short-circuit; `sends_tcp`: its own bytes keep going through
-    /// TCP (it sent some before), only its peer's are redirected to it.
-    Enrolled {
-        /// Whether this side's sends stay on TCP.
-        sends_tcp: bool,
-    },
+    /// In the short-circuit. Its sends take TCP until the peer's
+    /// application has read every byte it sent before and no read from
+    /// before the takeover can still be waiting inside the plain TCP code
+    /// (at least [`DatapathOptions::adopt_settle`]).
+    Enrolled,
     /// Policy denies the flow: reset.
     Reset,
     /// Policy denies the flow; the reset failed.
     Denied,
     /// The short-circuit map refused it.
     Error,
+    /// A thread was asleep in a read or write on it, inside the kernel's
+    /// plain TCP code (which would never see redirected bytes): tracked,
+    /// stays on TCP. Also every socket when the kernel hides the address
+    /// of `woken_wake_function` (kptr_restrict).
+    Blocked,
 }
 
 impl EnrollReport {
@@ -884,9 +976,7 @@ impl EnrollReport {
         let outcome = match rec.outcome {
             x if x == O::MP_ENROLL_ENROLLED.0 => {
                 self.enrolled += 1;
-                EnrollOutcome::Enrolled {
-                    sends_tcp: rec.mode == abi::DirMode::MP_DIR_TCP.0,
-                }
+                EnrollOutcome::Enrolled
             }
             x if x == O::MP_ENROLL_RESET.0 => {
                 self.reset += 1;
@@ -899,6 +989,10 @@ impl EnrollReport {
             x if x == O::MP_ENROLL_ERROR.0 => {
                 self.errors += 1;
                 EnrollOutcome::Error
+            }
+            x if x == O::MP_ENROLL_BLOCKED.0 => {
+                self.blocked += 1;
+                EnrollOutcome::Blocked
             }
             _ => EnrollOutcome::Tracked,
         };
@@ -916,6 +1010,7 @@ impl EnrollReport {
         self.reset += other.reset;
         self.denied += other.denied;
         self.errors += other.errors;
+        self.blocked += other.blocked;
         self.namespaces += other.namespaces;
         self.sockets.extend(other.sockets);
     }

@@ -238,3 +238,41 @@ pub(crate) fn probe_readiness(maps: &MapSet) -> Result<KernelQuirks> {
     }
     result
 }
+
+/// The address of kernel symbol `name` from /proc/kallsyms; None when it
+/// is absent or hidden (kptr_restrict shows every address as 0).
+pub(crate) fn kernel_symbol(name: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/kallsyms").ok()?;
+    parse_kallsyms(&text, name)
+}
+
+fn parse_kallsyms(text: &str, name: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let addr = f.next()?;
+        let _kind = f.next()?;
+        (f.next()? == name && f.next().is_none())
+            .then(|| u64::from_str_radix(addr, 16).ok())
+            .flatten()
+            .filter(|&a| a != 0)
+    })
+}
+
+#[cfg(test)]
+mod kallsyms_tests {
+    use super::parse_kallsyms;
+
+    #[test]
+    fn finds_a_symbol_and_ignores_module_ones_and_hidden_addresses() {
+        let text = "ffffffff81000000 T _text\n\
+                    ffffffff8112a0b0 T woken_wake_function\n\
+                    ffffffffc0001000 t woken_wake_function_x\t[mod]\n";
+        assert_eq!(
+            parse_kallsyms(text, "woken_wake_function"),
+            Some(0xffff_ffff_8112_a0b0)
+        );
+        assert_eq!(parse_kallsyms(text, "missing"), None);
+        let hidden = "0000000000000000 T woken_wake_function\n";
+        assert_eq!(parse_kallsyms(hidden, "woken_wake_function"), None);
+    }
+}

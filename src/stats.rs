@@ -7,70 +7,122 @@ use crate::error::{Error, Result};
 use crate::maps::MapSet;
 use crate::sys;
 
-/// Datapath counters since the maps were created (they survive agent
-/// restarts when the maps are pinned). Every field is a sum over CPUs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Counters {
-    /// Sockets enrolled into the short-circuit.
-    pub sockets_enrolled: u64,
-    /// Enrolled sockets that have since closed.
-    pub sockets_removed: u64,
-    /// Enrollments the kernel refused (map full, no memory).
-    pub enroll_errors: u64,
-    /// Connecting sockets whose peer cannot be on this host.
-    pub skipped_nonlocal: u64,
-    /// Sockets left on TCP because of a bypassed port.
-    pub skipped_bypass: u64,
-    /// Sockets of a family other than IPv4/IPv6.
-    pub skipped_family: u64,
-    /// Messages delivered straight into the peer socket.
-    pub msgs_redirected: u64,
-    /// Bytes delivered straight into the peer socket.
-    pub bytes_redirected: u64,
-    /// Messages of enrolled sockets that took the TCP path.
-    pub msgs_fallback: u64,
-    /// Bytes of enrolled sockets that took the TCP path.
-    pub bytes_fallback: u64,
-    /// Fallbacks because the peer was not enrolled when data was sent.
-    pub fallback_no_peer: u64,
-    /// Fallbacks because the direction had already taken TCP.
-    pub fallback_sticky: u64,
-    /// Fallbacks because the peer asked for TCP (SO_RCVLOWAT).
-    pub fallback_peer_optout: u64,
-    /// Fallbacks because the datapath was draining.
-    pub fallback_draining: u64,
-    /// Fallbacks because the socket had no meshpath state.
-    pub fallback_no_state: u64,
-    /// Sockets kept on TCP because bytes went through TCP before they
-    /// were enrolled (TCP Fast Open data).
-    pub fallback_sent_before: u64,
-    /// Sockets that set SO_RCVLOWAT and were kept on TCP.
-    pub rcvlowat_optouts: u64,
-    /// Fallbacks because the peer's socket lock was held (a receiver
-    /// busy-polling with non-blocking reads).
-    pub fallback_peer_busy: u64,
-    /// Fallbacks because the peer's direction had gone TCP.
-    pub fallback_peer_tcp: u64,
-    /// Sockets that left the short-circuit before closing (both
-    /// directions on TCP, queues empty).
-    pub sockets_evicted: u64,
-    /// Established flows reset because policy came to deny them.
-    pub policy_resets: u64,
-    /// Sockets established before their cgroup was attached, taken over.
-    pub sockets_adopted: u64,
-    /// Flow events the ring buffer had no room for (the reader was slow).
-    pub events_lost: u64,
-    /// Packets folded into an earlier flow event (aggregation).
-    pub events_aggregated: u64,
-    /// `auth` flows that found a live authentication.
-    pub auth_ok: u64,
-    /// Auth-required signals sent to the agent.
-    pub auth_signals: u64,
-    /// Signals not sent: one for the same pair went out recently.
-    pub auth_signals_deduplicated: u64,
-    /// Signals not sent: the rate limit, or a full ring.
-    pub auth_signals_dropped: u64,
+/// Declares the counters once: the struct, its names, `since` and the
+/// reader all come from this list, so none can be forgotten in one place.
+macro_rules! counters {
+    ($($(#[doc = $doc:literal])* $field:ident = $id:ident,)*) => {
+        /// Datapath counters since the maps were created (they survive agent
+        /// restarts when the maps are pinned). Every field is a sum over CPUs.
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        #[non_exhaustive]
+        pub struct Counters {
+            $($(#[doc = $doc])* pub $field: u64,)*
+        }
+
+        impl Counters {
+            /// Every counter with a stable snake_case name, for exporters
+            /// (`sockets_tracked` first, derived).
+            pub fn iter(&self) -> impl Iterator<Item = (&'static str, u64)> {
+                [("sockets_tracked", self.sockets_tracked()), $((stringify!($field), self.$field),)*]
+                    .into_iter()
+            }
+
+            #[cfg(test)]
+            fn filled(v: u64) -> Counters {
+                Counters { $($field: v,)* }
+            }
+
+            /// The change from `earlier` to `self` (for measuring one run).
+            pub fn since(&self, earlier: &Counters) -> Counters {
+                Counters {
+                    $($field: self.$field.saturating_sub(earlier.$field),)*
+                }
+            }
+        }
+
+        pub(crate) fn read(maps: &MapSet) -> Result<Counters> {
+            let m = maps
+                .get("meshpath_counters")
+                .ok_or_else(|| Error::invalid("datapath", "counters map missing"))?;
+            let fd = std::os::fd::AsFd::as_fd(&m.fd);
+            let get = |id: CounterId| -> Result<u64> {
+                let v = sys::lookup_percpu_u64(fd, &id.0).map_err(|source| Error::Map {
+                    map: "meshpath_counters",
+                    op: "reading a counter",
+                    source,
+                })?;
+                Ok(v.iter().copied().fold(0u64, u64::wrapping_add))
+            };
+            Ok(Counters {
+                $($field: get(CounterId::$id)?,)*
+            })
+        }
+    };
+}
+
+counters! {
+        /// Sockets enrolled into the short-circuit.
+        sockets_enrolled = MP_C_SOCK_ENROLLED,
+        /// Enrolled sockets that have since closed.
+        sockets_removed = MP_C_SOCK_REMOVED,
+        /// Enrollments the kernel refused (map full, no memory).
+        enroll_errors = MP_C_SOCK_ENROLL_ERR,
+        /// Connecting sockets whose peer cannot be on this host.
+        skipped_nonlocal = MP_C_SOCK_SKIP_NONLOCAL,
+        /// Sockets left on TCP because of a bypassed port.
+        skipped_bypass = MP_C_SOCK_SKIP_BYPASS,
+        /// Sockets of a family other than IPv4/IPv6.
+        skipped_family = MP_C_SOCK_SKIP_FAMILY,
+        /// Messages delivered straight into the peer socket.
+        msgs_redirected = MP_C_MSG_REDIRECT,
+        /// Bytes delivered straight into the peer socket.
+        bytes_redirected = MP_C_BYTES_REDIRECT,
+        /// Messages of enrolled sockets that took the TCP path.
+        msgs_fallback = MP_C_MSG_FALLBACK,
+        /// Bytes of enrolled sockets that took the TCP path.
+        bytes_fallback = MP_C_BYTES_FALLBACK,
+        /// Fallbacks because the peer was not enrolled when data was sent.
+        fallback_no_peer = MP_C_FALLBACK_NO_PEER,
+        /// Fallbacks because the direction had already taken TCP.
+        fallback_sticky = MP_C_FALLBACK_STICKY,
+        /// Fallbacks because the peer asked for TCP (SO_RCVLOWAT).
+        fallback_peer_optout = MP_C_FALLBACK_PEER_OPTOUT,
+        /// Fallbacks because the datapath was draining.
+        fallback_draining = MP_C_FALLBACK_DRAINING,
+        /// Fallbacks because the socket had no meshpath state.
+        fallback_no_state = MP_C_FALLBACK_NO_STATE,
+        /// Sockets kept on TCP because bytes went through TCP before they
+        /// were enrolled (TCP Fast Open data).
+        fallback_sent_before = MP_C_FALLBACK_SENT_BEFORE,
+        /// Sockets that set SO_RCVLOWAT and were kept on TCP.
+        rcvlowat_optouts = MP_C_SOCKOPT_OPTOUT,
+        /// Fallbacks because the peer's socket lock was held (a receiver
+        /// busy-polling with non-blocking reads).
+        fallback_peer_busy = MP_C_FALLBACK_PEER_BUSY,
+        /// Fallbacks because the peer's direction had gone TCP.
+        fallback_peer_tcp = MP_C_FALLBACK_PEER_TCP,
+        /// Sockets that left the short-circuit before closing (both
+        /// directions on TCP, queues empty).
+        sockets_evicted = MP_C_SOCK_EVICTED,
+        /// Established flows reset because policy came to deny them.
+        policy_resets = MP_C_POLICY_RESET,
+        /// Sockets established before their cgroup was attached, taken over.
+        sockets_adopted = MP_C_SOCK_ADOPTED,
+        /// Sends of connections taken over after they were established
+        /// that took TCP because redirecting was not yet safe.
+        fallback_adopted = MP_C_FALLBACK_ADOPTED,
+        /// Flow events the ring buffer had no room for (the reader was slow).
+        events_lost = MP_C_EVENTS_LOST,
+        /// Packets folded into an earlier flow event (aggregation).
+        events_aggregated = MP_C_EVENTS_AGGREGATED,
+        /// `auth` flows that found a live authentication.
+        auth_ok = MP_C_AUTH_OK,
+        /// Auth-required signals sent to the agent.
+        auth_signals = MP_C_AUTH_SIGNALS,
+        /// Signals not sent: one for the same pair went out recently.
+        auth_signals_deduplicated = MP_C_AUTH_SIGNALS_DEDUP,
+        /// Signals not sent: the rate limit, or a full ring.
+        auth_signals_dropped = MP_C_AUTH_SIGNALS_DROPPED,
 }
 
 impl Counters {
@@ -80,74 +132,6 @@ impl Counters {
         self.sockets_enrolled
             .saturating_sub(self.sockets_removed)
             .saturating_sub(self.sockets_evicted)
-    }
-
-    /// Every counter with a stable snake_case name, for exporters
-    /// (`sockets_tracked` first, derived).
-    pub fn iter(&self) -> impl Iterator<Item = (&'static str, u64)> {
-        [
-            ("sockets_tracked", self.sockets_tracked()),
-            ("sockets_enrolled", self.sockets_enrolled),
-            ("sockets_removed", self.sockets_removed),
-            ("enroll_errors", self.enroll_errors),
-            ("skipped_nonlocal", self.skipped_nonlocal),
-            ("skipped_bypass", self.skipped_bypass),
-            ("skipped_family", self.skipped_family),
-            ("msgs_redirected", self.msgs_redirected),
-            ("bytes_redirected", self.bytes_redirected),
-            ("msgs_fallback", self.msgs_fallback),
-            ("bytes_fallback", self.bytes_fallback),
-            ("fallback_no_peer", self.fallback_no_peer),
-            ("fallback_sticky", self.fallback_sticky),
-            ("fallback_peer_optout", self.fallback_peer_optout),
-            ("fallback_draining", self.fallback_draining),
-            ("fallback_no_state", self.fallback_no_state),
-            ("fallback_sent_before", self.fallback_sent_before),
-            ("rcvlowat_optouts", self.rcvlowat_optouts),
-            ("fallback_peer_busy", self.fallback_peer_busy),
-            ("fallback_peer_tcp", self.fallback_peer_tcp),
-            ("sockets_evicted", self.sockets_evicted),
-            ("policy_resets", self.policy_resets),
-            ("sockets_adopted", self.sockets_adopted),
-            ("events_lost", self.events_lost),
-            ("events_aggregated", self.events_aggregated),
-            ("auth_ok", self.auth_ok),
-            ("auth_signals", self.auth_signals),
-            ("auth_signals_deduplicated", self.auth_signals_deduplicated),
-            ("auth_signals_dropped", self.auth_signals_dropped),
-        ]
-        .into_iter()
-    }
-
-    /// The change from `earlier` to `self` (for measuring one run).
-    pub fn since(&self, earlier: &Counters) -> Counters {
-        let mut out = *self;
-        macro_rules! sub {
-            ($($f:ident),*) => { $( out.$f = self.$f.saturating_sub(earlier.$f); )* };
-        }
-        sub!(
-            sockets_enrolled,
-            sockets_removed,
-            enroll_errors,
-            skipped_nonlocal,
-            skipped_bypass,
-            skipped_family,
-            msgs_redirected,
-            bytes_redirected,
-            msgs_fallback,
-            bytes_fallback,
-            fallback_no_peer,
-            fallback_sticky,
-            fallback_peer_optout,
-            fallback_draining,
-            fallback_no_state,
-            fallback_sent_before,
-            rcvlowat_optouts,
-            fallback_peer_busy,
-            fallback_peer_tcp,
-            sockets_evicted
-        );
-        out
     }
 }
 
@@ -359,54 +343,17 @@ pub(crate) fn read_verdicts(maps: &MapSet) -> Result<Verdicts> {
     Ok(out)
 }
 
-pub(crate) fn read(maps: &MapSet) -> Result<Counters> {
-    let m = maps
-        .get("meshpath_counters")
-        .ok_or_else(|| Error::invalid("datapath", "counters map missing"))?;
-    let fd = std::os::fd::AsFd::as_fd(&m.fd);
-    let get = |id: CounterId| -> Result<u64> {
-        let v = sys::lookup_percpu_u64(fd, &id.0).map_err(|source| Error::Map {
-            map: "meshpath_counters",
-            op: "reading a counter",
-            source,
-        })?;
-        Ok(v.iter().copied().fold(0u64, u64::wrapping_add))
-    };
-    Ok(Counters {
-        sockets_enrolled: get(CounterId::MP_C_SOCK_ENROLLED)?,
-        sockets_removed: get(CounterId::MP_C_SOCK_REMOVED)?,
-        enroll_errors: get(CounterId::MP_C_SOCK_ENROLL_ERR)?,
-        skipped_nonlocal: get(CounterId::MP_C_SOCK_SKIP_NONLOCAL)?,
-        skipped_bypass: get(CounterId::MP_C_SOCK_SKIP_BYPASS)?,
-        skipped_family: get(CounterId::MP_C_SOCK_SKIP_FAMILY)?,
-        msgs_redirected: get(CounterId::MP_C_MSG_REDIRECT)?,
-        bytes_redirected: get(CounterId::MP_C_BYTES_REDIRECT)?,
-        msgs_fallback: get(CounterId::MP_C_MSG_FALLBACK)?,
-        bytes_fallback: get(CounterId::MP_C_BYTES_FALLBACK)?,
-        fallback_no_peer: get(CounterId::MP_C_FALLBACK_NO_PEER)?,
-        fallback_sticky: get(CounterId::MP_C_FALLBACK_STICKY)?,
-        fallback_peer_optout: get(CounterId::MP_C_FALLBACK_PEER_OPTOUT)?,
-        fallback_draining: get(CounterId::MP_C_FALLBACK_DRAINING)?,
-        fallback_no_state: get(CounterId::MP_C_FALLBACK_NO_STATE)?,
-        fallback_sent_before: get(CounterId::MP_C_FALLBACK_SENT_BEFORE)?,
-        rcvlowat_optouts: get(CounterId::MP_C_SOCKOPT_OPTOUT)?,
-        fallback_peer_busy: get(CounterId::MP_C_FALLBACK_PEER_BUSY)?,
-        fallback_peer_tcp: get(CounterId::MP_C_FALLBACK_PEER_TCP)?,
-        sockets_evicted: get(CounterId::MP_C_SOCK_EVICTED)?,
-        policy_resets: get(CounterId::MP_C_POLICY_RESET)?,
-        sockets_adopted: get(CounterId::MP_C_SOCK_ADOPTED)?,
-        events_lost: get(CounterId::MP_C_EVENTS_LOST)?,
-        events_aggregated: get(CounterId::MP_C_EVENTS_AGGREGATED)?,
-        auth_ok: get(CounterId::MP_C_AUTH_OK)?,
-        auth_signals: get(CounterId::MP_C_AUTH_SIGNALS)?,
-        auth_signals_deduplicated: get(CounterId::MP_C_AUTH_SIGNALS_DEDUP)?,
-        auth_signals_dropped: get(CounterId::MP_C_AUTH_SIGNALS_DROPPED)?,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn since_subtracts_every_counter() {
+        let d = Counters::filled(7).since(&Counters::filled(3));
+        for (name, v) in d.iter().skip(1) {
+            assert_eq!(v, 4, "{name}");
+        }
+    }
 
     #[test]
     fn every_kernel_counter_has_a_field() {

@@ -9,7 +9,11 @@
 //!   meshpath never replaces someone else's program and nobody silently
 //!   replaces meshpath's;
 //! - the program goes away with the link's last file descriptor, so a
-//!   crashed agent or test leaves nothing attached behind;
+//!   crashed agent or test leaves nothing attached behind; with a pin
+//!   directory the link is pinned there instead
+//!   (`meshpath_link_xdp_<netns inode>_<ifindex>_<mode>`), keeps judging
+//!   packets while no agent runs, and the next datapath adopts it by
+//!   switching the link to its own program in one step (no gap);
 //! - detaching does not depend on the caller's network namespace (the
 //!   link holds the device; a netlink detach looks the interface index
 //!   up in whatever namespace the dropping thread is in).
@@ -85,6 +89,8 @@ impl XdpObject {
 pub struct XdpAttachment {
     // The link first: it detaches before the datapath reference goes.
     link: Option<OwnedFd>,
+    /// Where the link is pinned: it stays attached when this guard drops.
+    pin: Option<std::path::PathBuf>,
     iface: String,
     target: XdpTarget,
     mode: XdpMode,
@@ -118,10 +124,42 @@ impl XdpAttachment {
         &self.iface
     }
 
-    /// Detaches now, reporting a failure (dropping detaches too, silently).
-    /// Succeeds when the device has gone away meanwhile: its program went
-    /// with it.
+    /// Whether the link is pinned (the datapath has a pin directory): it
+    /// then stays attached when this guard drops, for the next datapath
+    /// to adopt; [`XdpAttachment::detach`] detaches and unpins it.
+    pub fn is_pinned(&self) -> bool {
+        self.pin.is_some()
+    }
+
+    /// The link's pin, when it is pinned and the pin has been removed from
+    /// under the datapath.
+    pub fn missing_pin(&self) -> Option<std::path::PathBuf> {
+        self.pin.as_ref().filter(|p| !p.exists()).cloned()
+    }
+
+    /// Pins the link again when its pin was removed (the link itself never
+    /// went away: this guard holds it); returns the path pinned.
+    pub fn repin(&self) -> Result<Option<std::path::PathBuf>> {
+        match (self.missing_pin(), &self.link) {
+            (Some(path), Some(link)) => {
+                crate::maps::pin_fd(link.as_fd(), &path)?;
+                Ok(Some(path))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Detaches now (and unpins), reporting a failure (dropping an
+    /// unpinned attachment detaches too, silently). Succeeds when the
+    /// device has gone away meanwhile: its program went with it.
     pub fn detach(mut self) -> Result<()> {
+        if let Some(pin) = self.pin.take() {
+            if let Err(e) = std::fs::remove_file(&pin) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    return Err(Error::io("unpinning", &pin, e));
+                }
+            }
+        }
         if let Some(link) = self.link.take() {
             // SAFETY: plain syscall wrapper on a link fd this guard owns.
             let r = unsafe { libbpf_sys::bpf_link_detach(link.as_raw_fd()) };
@@ -139,7 +177,8 @@ impl XdpAttachment {
 
 impl Drop for XdpAttachment {
     fn drop(&mut self) {
-        // Closing the link's only fd detaches the program.
+        // Closing the link's last fd detaches the program, unless it is
+        // pinned (the pin holds it).
         drop(self.link.take());
         self.datapath.xdp.attached().remove(&self.target);
     }
@@ -168,10 +207,16 @@ impl Datapath {
                 format!("{iface} is already attached to this datapath"),
             ));
         }
-        let result = self.xdp_link(iface, ifindex, mode);
+        let result = match &self.inner.pin_dir {
+            Some(dir) => self.xdp_link_pinned(dir, iface, ifindex, ns_ino, mode),
+            None => self
+                .xdp_link(iface, ifindex, mode)
+                .map(|(l, m)| (l, m, None)),
+        };
         match result {
-            Ok((link, mode)) => Ok(XdpAttachment {
+            Ok((link, mode, pin)) => Ok(XdpAttachment {
                 link: Some(link),
+                pin,
                 iface: iface.to_string(),
                 target,
                 mode,
@@ -182,6 +227,62 @@ impl Datapath {
                 Err(e)
             }
         }
+    }
+
+    /// Adopts the link pinned for this device (switching it to this
+    /// datapath's program) or creates one and pins it.
+    fn xdp_link_pinned(
+        &self,
+        dir: &std::path::Path,
+        iface: &str,
+        ifindex: u32,
+        ns_ino: u64,
+        mode: XdpMode,
+    ) -> Result<(OwnedFd, XdpMode, Option<std::path::PathBuf>)> {
+        let path_for =
+            |m: XdpMode| dir.join(format!("meshpath_link_xdp_{ns_ino}_{ifindex}_{}", m.name()));
+        let prog = &self.inner.xdp.skel.progs.meshpath_xdp;
+        for pinned in [XdpMode::Native, XdpMode::Generic] {
+            let path = path_for(pinned);
+            if !path.exists() {
+                continue;
+            }
+            if mode != XdpMode::Auto && mode != pinned {
+                return Err(Error::Pinned {
+                    path,
+                    reason: format!(
+                        "interface {iface} has meshpath's XDP program pinned in {pinned} mode,                          {mode} mode was asked for: detach it first (agent --cleanup),                          or ask for {pinned} or auto"
+                    ),
+                });
+            }
+            let fail = |source| Error::Attach {
+                program: "meshpath_xdp",
+                target: format!("interface {iface} (pinned link {})", path.display()),
+                source,
+            };
+            let mut link = libbpf_rs::Link::open(&path).map_err(fail)?;
+            link.update_prog(prog).map_err(fail)?;
+            let fd = link
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| Error::io("duplicating the fd of", &path, e))?;
+            return Ok((fd, pinned, Some(path)));
+        }
+        let (fd, used) = self.xdp_link(iface, ifindex, mode)?;
+        let path = path_for(used);
+        let c = CString::new(path.as_os_str().as_encoded_bytes())
+            .map_err(|_| Error::invalid("pin directory", "contains a NUL byte"))?;
+        // SAFETY: plain syscall wrapper; a live link fd and a C string
+        // that outlives the call.
+        let r = unsafe { libbpf_sys::bpf_obj_pin(fd.as_raw_fd(), c.as_ptr()) };
+        if r < 0 {
+            return Err(Error::io(
+                "pinning the XDP link at",
+                &path,
+                std::io::Error::from_raw_os_error(-r),
+            ));
+        }
+        Ok((fd, used, Some(path)))
     }
 
     /// Creates the XDP link in `mode`, falling back from native to

@@ -122,7 +122,10 @@ fn sock_key_layout() {
 fn sock_entry_layout() {
     check(
         "mp_sock_entry",
-        rust_layout!(SockEntry, [cookie, kaddr, flags, pad, rx_msgs, rx_bytes]),
+        rust_layout!(
+            SockEntry,
+            [cookie, kaddr, flags, pad, rx_msgs, rx_bytes, adopted_ns]
+        ),
     );
 }
 
@@ -148,7 +151,11 @@ fn sock_state_layout() {
                 tracked,
                 rcv_nxt0,
                 policy_gen,
-                auth_expiry_ns
+                auth_expiry_ns,
+                adopted,
+                adopt_tries,
+                pad0,
+                pad1
             ]
         ),
     );
@@ -172,9 +179,20 @@ fn settings_layout() {
                 pad1,
                 event_interval_ms,
                 auth_signal_interval_ms,
-                auth_signal_rate
+                auth_signal_rate,
+                woken_wake_fn,
+                adopt_settle_ms,
+                pad2
             ]
         ),
+    );
+}
+
+#[test]
+fn enroll_record_layout() {
+    check(
+        "mp_enroll_record",
+        rust_layout!(meshpath::abi::EnrollRecord, [key, outcome, mode]),
     );
 }
 

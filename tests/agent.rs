@@ -370,6 +370,7 @@ fn help_exits_zero_and_names_the_contract_flags() {
     for flag in [
         "--cgroup",
         "--pin",
+        "--cleanup",
         "--bypass-port",
         "--local-net",
         "--max-sockets",

@@ -796,3 +796,62 @@ impl ForeignProg {
         info.id
     }
 }
+
+/// A pin directory on bpffs, emptied (links detached) and removed on drop.
+struct Pins(std::path::PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = meshpath::bpffs::remove_pins(&self.0);
+    }
+}
+
+#[test]
+fn a_pinned_xdp_link_outlives_its_datapath_and_is_adopted() {
+    let _s = serial();
+    let v = Veth::new("xdppin");
+    let pins = Pins(std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/meshpath-test-xdppin-{}",
+        std::process::id()
+    )));
+    let opts = DatapathOptions::default()
+        .probe_quirks(false)
+        .pin_dir(&pins.0);
+    let dp = Datapath::load(&opts).unwrap();
+    let id1 = dp.xdp_program_id().unwrap();
+    let att = v.attach(&dp, XdpMode::Native).unwrap();
+    assert!(att.is_pinned());
+    // The guard and the datapath go: the pinned link keeps the program.
+    drop(att);
+    drop(dp);
+    assert!(v.server_link().contains(&format!("prog/xdp id {id1}")));
+    // A pinned link in native mode refuses a generic request, named.
+    let dp2 = Datapath::load(&opts).unwrap();
+    let e = v.attach(&dp2, XdpMode::Generic).unwrap_err();
+    assert!(
+        matches!(&e, Error::Pinned { reason, .. } if reason.contains("native")),
+        "{e}"
+    );
+    // The next datapath adopts it: its own program, the same link.
+    let id2 = dp2.xdp_program_id().unwrap();
+    assert_ne!(id1, id2);
+    let att = v.attach(&dp2, XdpMode::Auto).unwrap();
+    assert_eq!(att.mode(), XdpMode::Native);
+    assert!(v.server_link().contains(&format!("prog/xdp id {id2}")));
+    // A removed pin is put back from the guard's link.
+    let pinned: Vec<_> = std::fs::read_dir(&pins.0)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().contains("meshpath_link_xdp_"))
+        .collect();
+    assert_eq!(pinned.len(), 1, "{pinned:?}");
+    std::fs::remove_file(&pinned[0]).unwrap();
+    assert_eq!(att.missing_pin().as_ref(), Some(&pinned[0]));
+    assert_eq!(att.repin().unwrap().as_ref(), Some(&pinned[0]));
+    assert!(pinned[0].exists());
+    // detach() detaches and unpins.
+    att.detach().unwrap();
+    assert!(!v.server_link().contains("prog/xdp"));
+    assert!(!pinned[0].exists());
+}

@@ -74,6 +74,60 @@ MP_ALWAYS_INLINE bool mp_sock_has_waiter(__u64 sk_addr)
 	return (__u64)(unsigned long)next != head;
 }
 
+/* How many wait queue entries mp_sock_syscall_sleepers looks at. */
+#define MP_WAITERS_SCANNED  8
+#define MP_SLEEPERS_UNKNOWN 255
+
+/*
+ * How many tasks sleep inside a read or write on the socket at sk_addr:
+ * recv/send and the TCP wait helpers queue a wait entry whose function is
+ * woken_wake_function (kernel address `woken_fn`); epoll and poll queue
+ * other functions.  MP_SLEEPERS_UNKNOWN when woken_fn is unknown (0) or
+ * the queue is longer than MP_WAITERS_SCANNED.
+ */
+MP_ALWAYS_INLINE __u32 mp_sock_syscall_sleepers(__u64 sk_addr, __u64 woken_fn)
+{
+	struct sock *sk = (struct sock *)(unsigned long)sk_addr;
+	struct wait_queue_entry *e;
+	struct socket_wq *wq;
+	struct list_head *pos;
+	__u32 n = 0;
+	__u64 head;
+	int i;
+
+	if (!woken_fn)
+		return MP_SLEEPERS_UNKNOWN;
+	if (!sk_addr)
+		return 0;
+	wq = BPF_CORE_READ(sk, sk_wq);
+	if (!wq)
+		return 0;
+	head = (__u64)(unsigned long)wq +
+	       bpf_core_field_offset(struct socket_wq, wait.head);
+	pos = BPF_CORE_READ(wq, wait.head.next);
+	for (i = 0; i < MP_WAITERS_SCANNED; i++) {
+		if ((__u64)(unsigned long)pos == head || !pos)
+			return n;
+		e = (struct wait_queue_entry *)((unsigned long)pos -
+						bpf_core_field_offset(
+						    struct wait_queue_entry,
+						    entry));
+		if ((__u64)(unsigned long)BPF_CORE_READ(e, func) == woken_fn)
+			n++;
+		pos = BPF_CORE_READ(pos, next);
+	}
+	return MP_SLEEPERS_UNKNOWN;
+}
+
+/* The socket at sk_addr's copied_seq: the next byte its application will
+ * read (a hint, see above). */
+MP_ALWAYS_INLINE __u32 mp_sock_copied_seq(__u64 sk_addr)
+{
+	struct tcp_sock *tp = (struct tcp_sock *)(unsigned long)sk_addr;
+
+	return BPF_CORE_READ(tp, copied_seq);
+}
+
 /*
  * The signature of a receiver spinning on recv(MSG_DONTWAIT): it holds
  * its socket lock, has nothing queued to read, and nobody waits on the

@@ -12,9 +12,8 @@ use meshpath::{IpNet, XdpMode};
 
 // The agent's command line.
 //
-// Flags planned for later (`--auth-listen`, `--peers`, `--cert`, `--key`,
-// `--ca`, `--cleanup`) are added here as fields; everything downstream
-// reads this struct only.
+// New flags are added here as fields; everything downstream reads this
+// struct only.
 #[derive(Debug, Parser)]
 #[command(
     name = "agent",
@@ -29,9 +28,15 @@ pub(crate) struct Args {
     #[arg(long = "cgroup", value_name = "DIR")]
     pub(crate) cgroups: Vec<PathBuf>,
 
-    /// bpffs directory to pin the maps in, so a restarted agent adopts them.
+    /// bpffs directory to pin the datapath in (maps, programs' links):
+    /// it keeps working when the agent exits on a signal or is killed, and
+    /// a restarted agent adopts it with no gap.
     #[arg(long, value_name = "DIR")]
     pub(crate) pin: Option<PathBuf>,
+
+    /// Detach and unpin everything pinned in --pin DIR, then exit 0.
+    #[arg(long, requires = "pin")]
+    pub(crate) cleanup: bool,
 
     /// Keep connections to or from PORT on plain TCP (repeatable).
     #[arg(long = "bypass-port", value_name = "PORT", value_parser = parse_port)]

@@ -134,15 +134,19 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> anyhow::Result<()> {
-    if args.cgroups.is_empty() {
-        bail!("no cgroup given: pass --cgroup DIR (repeatable)");
-    }
     let euid = nix::unistd::geteuid();
     if !euid.is_root() {
         bail!(
             "must run as root (effective uid is {euid}): loading eBPF programs needs \
              CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON"
         );
+    }
+
+    if args.cleanup {
+        return cleanup(args);
+    }
+    if args.cgroups.is_empty() {
+        bail!("no cgroup given: pass --cgroup DIR (repeatable)");
     }
 
     // Block the signals we wait for before anything else can start a
@@ -170,6 +174,13 @@ fn run(args: &Args) -> anyhow::Result<()> {
     // Ports and sockets are taken before anything is loaded.
     let mut observe = observe::Observability::bind(args)?;
     let dp = setup::load_datapath(args)?;
+    if let (Some(dir), true) = (&args.pin, dp.adopted_pins()) {
+        say(&format!(
+            "agent: adopted the datapath pinned in {}: it kept working meanwhile",
+            dir.display()
+        ))
+        .context("writing to stdout")?;
+    }
     setup::configure(&dp, args)?;
     // Flows are read from before the policy and the attachments.
     observe.start(&dp, args)?;
@@ -206,7 +217,26 @@ fn run(args: &Args) -> anyhow::Result<()> {
     ready.push_str(&observe.describe());
     say(&ready).context("writing the ready line to stdout")?;
 
-    let signal = serve::serve(&sigfd, &dp, args)?;
+    let mut pins = setup::PinWatch::default();
+    let signal = serve::serve(&sigfd, &dp, args, &mut || {
+        pins.check(&dp, &attachments, &xdp)
+    })?;
+
+    if let Some(dir) = &args.pin {
+        // Pinned: the programs stay attached and the maps stay, for the
+        // next agent to adopt (or `--cleanup`).
+        let n = attachments.len();
+        drop(xdp);
+        drop(attachments);
+        observe.stop();
+        let _ = say(&format!(
+            "agent: {} received: the datapath stays attached to {n} cgroup{} and pinned in {},              exiting",
+            signal.as_str(),
+            if n == 1 { "" } else { "s" },
+            dir.display()
+        ));
+        return Ok(());
+    }
 
     for x in xdp {
         let iface = x.interface().to_string();
@@ -238,5 +268,21 @@ fn run(args: &Args) -> anyhow::Result<()> {
         signal.as_str(),
         if n == 1 { "" } else { "s" }
     ));
+    Ok(())
+}
+
+/// `--cleanup`: detaches and unpins everything in the pin directory.
+fn cleanup(args: &Args) -> anyhow::Result<()> {
+    let Some(dir) = &args.pin else {
+        bail!("--cleanup needs --pin DIR");
+    };
+    let n = meshpath::bpffs::remove_pins(dir)
+        .with_context(|| format!("--cleanup of --pin {}", dir.display()))?;
+    say(&format!(
+        "agent: cleanup: detached and unpinned {n} object{} in {}",
+        if n == 1 { "" } else { "s" },
+        dir.display()
+    ))
+    .context("writing to stdout")?;
     Ok(())
 }

@@ -20,6 +20,9 @@ use crate::setup::sweep;
 /// How often stale socket-index entries are swept.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 
+/// How often, with --pin, the agent checks that its pins are still there.
+const PIN_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
 pub(crate) fn handled_signals() -> SigSet {
     let mut set = SigSet::empty();
     set.add(Signal::SIGINT);
@@ -29,14 +32,24 @@ pub(crate) fn handled_signals() -> SigSet {
 }
 
 /// Runs until SIGINT or SIGTERM (returned): reloads the config on SIGHUP,
-/// sweeps stale index entries every [`SWEEP_INTERVAL`] and prints the
-/// counters every `--stats-interval`.
-pub(crate) fn serve(sigfd: &SignalFd, dp: &Datapath, args: &Args) -> anyhow::Result<Signal> {
+/// sweeps stale index entries every [`SWEEP_INTERVAL`], prints the
+/// counters every `--stats-interval`, and with --pin runs `check_pins`
+/// every [`PIN_CHECK_INTERVAL`].
+pub(crate) fn serve(
+    sigfd: &SignalFd,
+    dp: &Datapath,
+    args: &Args,
+    check_pins: &mut dyn FnMut(),
+) -> anyhow::Result<Signal> {
     let stats_every = args.stats_interval.map(Duration::from_secs);
     let mut next_stats = stats_every.map(|i| Instant::now() + i);
     let mut next_sweep = Instant::now() + SWEEP_INTERVAL;
+    let mut next_pins = Instant::now() + PIN_CHECK_INTERVAL;
     loop {
-        let wake = next_stats.map_or(next_sweep, |s| s.min(next_sweep));
+        let mut wake = next_stats.map_or(next_sweep, |s| s.min(next_sweep));
+        if args.pin.is_some() {
+            wake = wake.min(next_pins);
+        }
         let ms = wake
             .saturating_duration_since(Instant::now())
             .as_micros()
@@ -63,6 +76,10 @@ pub(crate) fn serve(sigfd: &SignalFd, dp: &Datapath, args: &Args) -> anyhow::Res
             Err(e) => return Err(e).context("waiting for signals"),
         }
         let now = Instant::now();
+        if args.pin.is_some() && now >= next_pins {
+            check_pins();
+            next_pins = now + PIN_CHECK_INTERVAL;
+        }
         if now >= next_sweep {
             sweep(dp);
             next_sweep = now + SWEEP_INTERVAL;

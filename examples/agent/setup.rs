@@ -126,3 +126,76 @@ pub(crate) fn sweep(dp: &Datapath) {
         ));
     }
 }
+
+/// Watches the pins (with --pin): pins removed from under the agent are
+/// reported once and pinned again (the objects never went away: the agent
+/// holds them), so the datapath still survives the agent's exit.
+#[derive(Default)]
+pub(crate) struct PinWatch {
+    /// What was missing at the last check, to report each change once.
+    last: Vec<PathBuf>,
+}
+
+impl PinWatch {
+    pub(crate) fn check(
+        &mut self,
+        dp: &Datapath,
+        attachments: &[CgroupAttachment],
+        xdp: &[XdpAttachment],
+    ) {
+        let mut missing = dp.missing_pins();
+        for a in attachments {
+            missing.extend(a.missing_pins());
+        }
+        missing.extend(xdp.iter().filter_map(XdpAttachment::missing_pin));
+        if missing.is_empty() {
+            self.last.clear();
+            return;
+        }
+        let mut failed = None;
+        if let Err(e) = dp.repin() {
+            failed = Some(e);
+        }
+        for a in attachments {
+            if let Err(e) = a.repin() {
+                failed.get_or_insert(e);
+            }
+        }
+        for x in xdp {
+            if let Err(e) = x.repin() {
+                failed.get_or_insert(e);
+            }
+        }
+        if missing == self.last {
+            return;
+        }
+        let names: Vec<String> = missing
+            .iter()
+            .map(|p| {
+                p.file_name().map_or_else(
+                    || p.display().to_string(),
+                    |n| n.to_string_lossy().into_owned(),
+                )
+            })
+            .collect();
+        let dir = dp
+            .pin_dir()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default();
+        match failed {
+            None => warn(&format!(
+                "pins removed from under the agent in {dir}: {}; the datapath kept working \
+                 (the agent holds it) and they are pinned again",
+                names.join(", ")
+            )),
+            Some(e) => warn(&format!(
+                "pins removed from under the agent in {dir}: {}; the datapath keeps working \
+                 while the agent runs, but pinning them again failed ({}): it will not survive \
+                 the agent's exit",
+                names.join(", "),
+                one_line(&e.into())
+            )),
+        }
+        self.last = missing;
+    }
+}

@@ -74,6 +74,7 @@ enum mp_sock_reason {
 	MP_REASON_REDIRECT_ERR = 6, /* kernel refused the redirect */
 	MP_REASON_PEER_BUSY = 7,    /* peer's lock held: it busy-polls */
 	MP_REASON_PEER_TCP = 8,	    /* peer's direction went TCP: follow it */
+	MP_REASON_ADOPTED = 9,	    /* taken over: redirect never safe */
 };
 
 /* Value of meshpath_sock_state (SK_STORAGE): per-socket state. */
@@ -97,6 +98,10 @@ struct mp_sock_state {
 	 * (CLOCK_MONOTONIC ns); the verdict is judged again after.  0: not
 	 * an authenticated flow. */
 	__u64 auth_expiry_ns;
+	__u8 adopted;	  /* 1: taken over after it was established */
+	__u8 adopt_tries; /* sends that found the redirect not yet safe */
+	__u16 pad0;
+	__u32 pad1;
 };
 
 /*
@@ -116,6 +121,8 @@ struct mp_sock_entry {
 	 * the peer's sk_msg), for the short-circuit's close event. */
 	__u64 rx_msgs;
 	__u64 rx_bytes;
+	/* MP_SOCK_F_ADOPTED: when it was taken over (CLOCK_MONOTONIC ns). */
+	__u64 adopted_ns;
 };
 
 /* Values of meshpath_cgroups (HASH keyed by __u64 cgroup id): what an
@@ -135,6 +142,9 @@ enum mp_enroll_outcome {
 	MP_ENROLL_RESET = 3,	/* policy denies its flow: reset */
 	MP_ENROLL_DENIED = 4,	/* policy denies it; the reset failed */
 	MP_ENROLL_ERROR = 5,	/* the short-circuit map refused it */
+	/* a thread sleeps in a read or write on it, inside the plain TCP code
+	 * (which never looks at the sk_msg queue): tracked, stays on TCP */
+	MP_ENROLL_BLOCKED = 6,
 };
 
 /* One record per socket taken over, written to the iterator's output. */
@@ -150,6 +160,10 @@ enum mp_sock_flags {
 	MP_SOCK_F_TX_TCP = 1 << 1,	/* my sends take TCP for good */
 	MP_SOCK_F_EVICTED = 1 << 2,	/* I left meshpath_sockets */
 	MP_SOCK_F_TX_REDIRECT = 1 << 3, /* my sends have been redirected */
+	/* I was taken over after my connection was established: a read that
+	 * started before may still be inside the plain TCP code, which never
+	 * looks at the sk_msg queue; see sk_msg.bpf.c, mp_adopted_unsettled. */
+	MP_SOCK_F_ADOPTED = 1 << 4,
 };
 
 /* Key of meshpath_local_nets (LPM_TRIE): addresses whose sockets are on
@@ -193,7 +207,8 @@ enum mp_counter {
 	MP_C_SOCK_EVICTED, /* sockets that left the map, both ways TCP */
 	MP_C_POLICY_RESET, /* established flows reset: policy now denies */
 	MP_C_SOCK_ADOPTED, /* sockets established before attach, taken over */
-	MP_C_EVENTS_LOST,  /* flow events the ring buffer had no room for */
+	MP_C_FALLBACK_ADOPTED, /* ... taken over: redirect not safe yet */
+	MP_C_EVENTS_LOST,      /* flow events the ring buffer had no room for */
 	MP_C_EVENTS_AGGREGATED,	   /* packets folded into an earlier event */
 	MP_C_AUTH_OK,		   /* auth flows that found a live entry */
 	MP_C_AUTH_SIGNALS,	   /* auth-required signals sent */
@@ -222,6 +237,14 @@ struct mp_settings {
 					  per interval */
 	__u32 auth_signal_rate; /* at most this many signals per second and
 				   CPU; the rest are counted and dropped */
+	/* Kernel address of woken_wake_function (the wake function of a task
+	 * asleep in a socket read or write), from /proc/kallsyms; 0 when
+	 * unknown: sockets taken over then stay on TCP. */
+	__u64 woken_wake_fn;
+	/* Redirects into a socket taken over wait this long (ms) after it was
+	 * taken over; a send before takes TCP for good (see sk_msg.bpf.c). */
+	__u32 adopt_settle_ms;
+	__u32 pad2;
 };
 
 /*

@@ -56,6 +56,11 @@ pub enum TcpReason {
     PeerBusy,
     /// The peer's sends went TCP, or the connection left the short-circuit.
     PeerTcp,
+    /// The connection was taken over after it was established
+    /// (`Datapath::enroll_existing`) and redirecting never became safe:
+    /// the peer kept unread TCP bytes of ours, or a read from before the
+    /// takeover may still be inside the plain TCP code.
+    Adopted,
     /// Something else (a newer datapath's reason).
     Other(u8),
 }
@@ -104,6 +109,7 @@ impl SocketState {
             x if x == SockReason::MP_REASON_SENT_BEFORE.0 => TcpReason::SentBefore,
             x if x == SockReason::MP_REASON_PEER_BUSY.0 => TcpReason::PeerBusy,
             x if x == SockReason::MP_REASON_PEER_TCP.0 => TcpReason::PeerTcp,
+            x if x == SockReason::MP_REASON_ADOPTED.0 => TcpReason::Adopted,
             x => TcpReason::Other(x as u8),
         });
         SocketState {
