@@ -132,6 +132,57 @@ pub(crate) struct Args {
     /// hostname).
     #[arg(long, value_name = "NAME", value_parser = parse_node)]
     pub(crate) node: Option<String>,
+
+    /// Answer other nodes' mutual-TLS handshakes for `auth` rules on
+    /// ADDR:PORT (and this node's own: pairs on one node authenticate
+    /// through it too). Enables auth; needs --cert, --key and --ca.
+    #[arg(long = "auth-listen", value_name = "ADDR:PORT", value_parser = parse_listen)]
+    pub(crate) auth_listen: Option<SocketAddr>,
+
+    /// JSON file naming each node's auth address:
+    /// {"peers": {"NODE": "ADDR:PORT", ...}} (re-read on SIGHUP).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) peers: Option<PathBuf>,
+
+    /// PEM certificate (chain, leaf first) of a local identity: its URI
+    /// SAN is the SPIFFE ID (repeatable, one --key each, in order;
+    /// re-read on SIGHUP).
+    #[arg(long = "cert", value_name = "CERT")]
+    pub(crate) certs: Vec<PathBuf>,
+
+    /// PEM private key of the preceding --cert (repeatable).
+    #[arg(long = "key", value_name = "KEY")]
+    pub(crate) keys: Vec<PathBuf>,
+
+    /// PEM bundle of the CA certificates that sign the mesh's identities
+    /// (re-read on SIGHUP).
+    #[arg(long, value_name = "CA")]
+    pub(crate) ca: Option<PathBuf>,
+
+    /// Cap on an auth entry's lifetime in seconds (default 3600); the
+    /// earliest certificate not-after caps it too.
+    #[arg(
+        long = "auth-ttl",
+        value_name = "SECONDS",
+        value_parser = clap::value_parser!(u64).range(1..=31_536_000)
+    )]
+    pub(crate) auth_ttl: Option<u64>,
+
+    /// Renew auth entries this many seconds before they expire (at most a
+    /// third of their lifetime; default 60; 0: never renew, entries
+    /// expire and the next packet asks again).
+    #[arg(
+        long = "auth-renew-before",
+        value_name = "SECONDS",
+        value_parser = clap::value_parser!(u64).range(0..=31_536_000)
+    )]
+    pub(crate) auth_renew_before: Option<u64>,
+
+    /// JSON file of revoked certificates and identities:
+    /// {"serials": ["01:a3:ff"], "identities": ["spiffe://..."]}
+    /// (re-read on SIGHUP; their entries are removed on both nodes).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) revoked: Option<PathBuf>,
 }
 
 /// Where `--flow-socket` without a value serves.

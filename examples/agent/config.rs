@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use meshpath::policy::{
-    Action, DefaultAction, Endpoint, Identity, Peer, PolicyState, Protocol, Rule,
+    Action, DefaultAction, Endpoint, Identity, NodeName, Peer, PolicyState, Protocol, Rule,
 };
 use meshpath::IpNet;
 use serde::de::{self, Deserializer, Visitor};
@@ -28,6 +28,19 @@ struct ConfigFile {
 struct ConfigEndpoint {
     ip: String,
     identity: String,
+    /// The node the endpoint runs on (auth keys name it); this node when
+    /// left out or equal to `--node`.
+    #[serde(default)]
+    node: Option<String>,
+}
+
+/// This node's name (`--node` or the hostname), when it is a valid node
+/// name: endpoints whose `"node"` names it are local. Set once at startup.
+static THIS_NODE: std::sync::OnceLock<NodeName> = std::sync::OnceLock::new();
+
+/// Records this node's name for [`load_config`].
+pub(crate) fn set_this_node(node: NodeName) {
+    let _ = THIS_NODE.set(node);
 }
 
 #[derive(Debug, Deserialize)]
@@ -175,11 +188,16 @@ fn build_state(file: ConfigFile) -> anyhow::Result<PolicyState> {
             .identity
             .parse()
             .map_err(|err| at(&format!("endpoints[{i}].identity"), err))?;
-        endpoints.push(Endpoint {
-            ip,
-            identity,
-            node: None,
-        });
+        let node = match &e.node {
+            None => None,
+            Some(n) => {
+                let node: NodeName = n
+                    .parse()
+                    .map_err(|err| at(&format!("endpoints[{i}].node"), err))?;
+                (THIS_NODE.get() != Some(&node)).then_some(node)
+            }
+        };
+        endpoints.push(Endpoint { ip, identity, node });
     }
     let mut policies = Vec::with_capacity(file.policies.len());
     for (i, r) in file.policies.iter().enumerate() {

@@ -31,7 +31,9 @@
 //!
 //! `default_action` (`allow` or `deny`) is required; `endpoints` and
 //! `policies` may be left out (empty). An endpoint needs `ip` (an address
-//! or CIDR) and `identity` (a SPIFFE ID, `host` or `world`). A rule needs
+//! or CIDR) and `identity` (a SPIFFE ID, `host` or `world`), and may name
+//! the `node` it runs on (for `auth` rules; left out or this node's
+//! `--node`: this node). A rule needs
 //! `from` and `to` (a SPIFFE ID, `*`, `host` or `world`), `protocol`
 //! (`tcp`, `udp`, `icmp` or `any`) and `action` (`allow`, `deny`, `audit`
 //! or `auth`); `ports` (1-65535) may be left out or empty: any port. Any
@@ -68,6 +70,15 @@
 //! flow socket /run/meshpath/flows.sock; metrics on
 //! http://127.0.0.1:9090/metrics`.
 //!
+//! # Mutual-TLS authentication
+//!
+//! `--auth-listen ADDR:PORT --cert CERT --key KEY [--cert ... --key ...]
+//! --ca CA [--peers FILE] [--revoked FILE] [--auth-ttl SECS]
+//! [--auth-renew-before SECS]` makes the agent prove the identities of
+//! `auth` flows with mutual TLS against the remote node's agent and fill
+//! the auth map; see `auth.rs`. The ready line then ends with `; auth on
+//! ADDR:PORT (node NAME, N identities)`.
+//!
 //! The command line is a contract other tools depend on: flag names are
 //! stable, and new flags are added as new fields of [`cli::Args`].
 //!
@@ -86,8 +97,21 @@
 //!   (the Unix socket and its clients), `flowfmt` (a flow as a text or
 //!   JSON line; shared with the `flows` example) and `metrics` (the
 //!   Prometheus endpoint);
+//! * `auth`: mutual-TLS authentication of `auth` flows, built from
+//!   `auth_certs` (PEM, SPIFFE IDs, expiry), `auth_files` (`--peers`,
+//!   `--revoked`), `auth_tls` (rustls configurations and verifiers),
+//!   `auth_proto` (the exchange between agents), `auth_manager` (signals,
+//!   handshakes, renewals, revocations) and `auth_server` (the
+//!   `--auth-listen` side);
 //! * `output`: one-line stdout/stderr messages.
 
+mod auth;
+mod auth_certs;
+mod auth_files;
+mod auth_manager;
+mod auth_proto;
+mod auth_server;
+mod auth_tls;
 mod cli;
 mod config;
 mod flow_socket;
@@ -160,6 +184,13 @@ fn run(args: &Args) -> anyhow::Result<()> {
         .context("creating a signalfd")?;
 
     let targets = setup::validate_cgroups(args)?;
+    // Endpoints on this node may name it.
+    if let Ok(node) = auth::node_name(args) {
+        config::set_this_node(node);
+    }
+    // Auth flags and files are checked, and --auth-listen bound, before
+    // anything is loaded.
+    let auth = auth::prepare(args)?;
     // A config that does not parse or validate fails before anything is
     // loaded.
     let state = args
@@ -167,6 +198,9 @@ fn run(args: &Args) -> anyhow::Result<()> {
         .as_deref()
         .map(config::load_config)
         .transpose()?;
+    if let (Some(a), Some(s), Some(path)) = (&auth, &state, &args.config) {
+        a.check_config(s, path)?;
+    }
     for ns in &args.policy_reset_netns {
         std::fs::File::open(ns)
             .with_context(|| format!("--policy-reset-netns {}", ns.display()))?;
@@ -193,6 +227,8 @@ fn run(args: &Args) -> anyhow::Result<()> {
             dp.disable_policy().context("turning policy off")?;
         }
     }
+    // Signals are read before any workload can ask.
+    let auth = auth.map(|a| a.start(&dp)).transpose()?;
     let attachments = setup::attach(&dp, &targets, args)?;
     // Kept alive like the cgroup attachments: dropping one detaches it.
     let xdp = setup::attach_xdp(&dp, args)?;
@@ -215,12 +251,18 @@ fn run(args: &Args) -> anyhow::Result<()> {
         let _ = write!(ready, "; xdp on {}", ifaces.join(", "));
     }
     ready.push_str(&observe.describe());
+    if let Some(a) = &auth {
+        ready.push_str(a.describe());
+    }
     say(&ready).context("writing the ready line to stdout")?;
 
     let mut pins = setup::PinWatch::default();
-    let signal = serve::serve(&sigfd, &dp, args, &mut || {
+    let signal = serve::serve(&sigfd, &dp, args, auth.as_ref(), &mut || {
         pins.check(&dp, &attachments, &xdp)
     })?;
+    if let Some(a) = auth {
+        a.stop();
+    }
 
     if let Some(dir) = &args.pin {
         // Pinned: the programs stay attached and the maps stay, for the

@@ -12,6 +12,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::SignalFd;
 
+use crate::auth::AuthService;
 use crate::cli::Args;
 use crate::output::{one_line, say, warn};
 use crate::policy::reload;
@@ -39,6 +40,7 @@ pub(crate) fn serve(
     sigfd: &SignalFd,
     dp: &Datapath,
     args: &Args,
+    auth: Option<&AuthService>,
     check_pins: &mut dyn FnMut(),
 ) -> anyhow::Result<Signal> {
     let stats_every = args.stats_interval.map(Duration::from_secs);
@@ -68,6 +70,11 @@ pub(crate) fn serve(
                         .with_context(|| format!("unexpected signal number {signo}"))?;
                     if sig == Signal::SIGHUP {
                         reload(dp, args);
+                        // After the config: identities gone from it lose
+                        // their auth entries.
+                        if let Some(a) = auth {
+                            a.reload();
+                        }
                     } else {
                         return Ok(sig);
                     }
