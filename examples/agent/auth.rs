@@ -269,7 +269,7 @@ pub(crate) fn prepare(args: &Args) -> anyhow::Result<Option<Prepared>> {
         warn(&w);
     }
     if let Some(addr) = material.peers.get(&node) {
-        if addr.port() != listen.port() {
+        if listen.port() != 0 && addr.port() != listen.port() {
             warn(&format!(
                 "--peers: this node ({node}) is listed at {addr}, but --auth-listen is {listen}"
             ));

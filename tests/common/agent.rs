@@ -671,3 +671,32 @@ pub fn stop(mut agent: Agent) -> (Vec<String>, String) {
     assert_eq!(status.code(), Some(0), "{status}; stderr: {stderr:?}");
     (agent.stdout_lines(), stderr)
 }
+
+// ---------------------------------------------------------------------------
+// Agents in network namespaces.
+
+impl Agent {
+    /// Starts the agent inside the network namespace `/run/netns/NETNS`.
+    ///
+    /// Only the network namespace changes (a `setns` before exec): unlike
+    /// `ip netns exec`, which remounts /sys and so hides the cgroup2 and
+    /// bpffs mounts from the agent.
+    pub fn spawn_in_netns<S: AsRef<std::ffi::OsStr>>(netns: &str, args: &[S]) -> Agent {
+        use std::os::unix::process::CommandExt;
+        let ns = fs::File::open(format!("/run/netns/{netns}"))
+            .unwrap_or_else(|e| panic!("opening network namespace {netns}: {e}"));
+        Agent::spawn_with(agent_bin(), args, move |cmd| {
+            // SAFETY: between fork and exec only setns(2) runs, which is
+            // async-signal-safe; `ns` is owned by the closure, which the
+            // Command keeps until after the spawn.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        })
+    }
+}
