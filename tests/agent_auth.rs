@@ -1082,3 +1082,160 @@ fn peers_with_bad_certificates_stay_denied() {
     );
     drop(db);
 }
+
+/// (3) Node a renews before expiry (traffic flows across the first
+/// expiry); restarted with `--pin` it restores its view from the auth map
+/// without a handshake; with renewal off the entry expires and the next
+/// packet asks again, after which traffic continues.
+#[test]
+fn entries_are_renewed_restored_and_reauthenticated_after_expiry() {
+    let mut w = World::new("expiry");
+    w.start('b', &["--auth-ttl", "4"]);
+    w.start('a', &["--auth-ttl", "4"]);
+    let db = w.db_listener();
+    let (mut c, srv, _) = held_connect(&w, &db);
+    let _echo = echo_server(srv);
+    let pair = format!("{FE} -> {DB} on node node-b");
+    wait_for(w.agent('a'), "agent: auth: ok: ", &[&pair], Duration::from_secs(2));
+    // Renewed at 2/3 of the 4 s: 35 rounds over 3.5 s all pass.
+    let t = Instant::now();
+    let mut round = 0;
+    while t.elapsed() < Duration::from_millis(3500) {
+        echo(&mut c, 1000, round).unwrap_or_else(|e| panic!("round {round}: {e}"));
+        round += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_for(w.agent('a'), "agent: auth: renewed: ", &[&pair, "until"], Duration::from_secs(1));
+    wait_for(
+        w.agent('b'),
+        "agent: auth: ok: ",
+        &[&format!("{DB} <- {FE} on node node-a")],
+        Duration::from_secs(1),
+    );
+    let a_renewals = w.agent('a').seen.iter().filter(|l| l.contains("renewed")).count();
+    assert!(a_renewals >= 1);
+    let b_lines = lines_within(w.agent('b'), Duration::from_millis(10));
+    assert!(
+        !w.agent('b').seen.iter().any(|l| l.contains("renewed")),
+        "only one node of a pair renews: {b_lines:?}"
+    );
+
+    // Restart node a with renewal off: the entry is restored, no handshake.
+    stop(w.a_agent.take().unwrap());
+    w.start('a', &["--auth-ttl", "4", "--auth-renew-before", "0"]);
+    assert!(
+        w.agent('a')
+            .seen
+            .iter()
+            .any(|l| l == "agent: auth: restored 1 entry from the auth map"),
+        "{:?}",
+        w.agent('a').seen
+    );
+    echo(&mut c, 1000, 100).expect("still authenticated after the restart");
+    let quiet = lines_within(w.agent('a'), Duration::from_millis(800));
+    assert!(
+        !quiet.iter().any(|l| l.starts_with("agent: auth: ok") || l.contains("renewed")),
+        "no handshake after the restart: {quiet:?}"
+    );
+    // Let it expire (node a's view of its map), then talk again.
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while !w.a.entries().is_empty() {
+        assert!(Instant::now() < deadline, "the entry did not expire");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let t = Instant::now();
+    echo(&mut c, 1000, 101).expect("traffic continues after re-authentication");
+    let gap = t.elapsed();
+    wait_for(
+        w.agent('a'),
+        "agent: auth: ok: ",
+        &[&pair, "asked at egress"],
+        Duration::from_secs(2),
+    );
+    echo(&mut c, 1000, 102).unwrap();
+    eprintln!("after expiry, the next round trip took {gap:?} (re-authentication included)");
+    assert_eq!(w.a.entries(), vec![(id(FE), id(DB), node_number("node-b"))]);
+}
+
+/// (4) Revoking node a's certificate (by serial, `--revoked` + SIGHUP)
+/// removes the entries on both nodes and cuts the flow; new connections
+/// stay held. Lifting it lets the pair authenticate again; an identity
+/// removed from node b's config loses its entries on both nodes too.
+#[test]
+fn revocation_cuts_the_flow_on_both_nodes() {
+    let mut w = World::new("revoke");
+    let revoked = write(&w.dir.0, "revoked.json", "{}");
+    w.start('b', &[]);
+    w.start('a', &["--revoked", &revoked.to_string_lossy()]);
+    let db = w.db_listener();
+    let (mut c, srv, _) = held_connect(&w, &db);
+    let _echo = echo_server(srv);
+    echo(&mut c, 1000, 1).unwrap();
+    assert_eq!(w.a.entries().len(), 1);
+    assert_eq!(w.b.entries().len(), 1);
+
+    common::agent::write_config(&revoked, r#"{"serials": ["a1"]}"#);
+    w.agent('a').signal(nix::sys::signal::Signal::SIGHUP);
+    wait_for(
+        w.agent('a'),
+        "agent: auth: revoked: ",
+        &[FE, "serial a1 is revoked", "1 entry removed here"],
+        Duration::from_secs(3),
+    );
+    wait_for(
+        w.agent('a'),
+        "agent: auth: revoked: told node node-b",
+        &["1 entry removed there"],
+        Duration::from_secs(3),
+    );
+    wait_for(
+        w.agent('b'),
+        "agent: auth: revoked: node node-a revoked ",
+        &[FE, "1 entry removed here"],
+        Duration::from_secs(3),
+    );
+    assert!(w.a.entries().is_empty() && w.b.entries().is_empty());
+    // The established flow is cut (reset, or its packets dropped).
+    c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let r = echo(&mut c, 1000, 2);
+    assert!(r.is_err(), "the flow survived the revocation");
+    // New connections are held; the agent says why it cannot prove FE.
+    let s = w.fe_sockets(1, Duration::from_secs(3)).pop().unwrap();
+    assert!(connect(s, db_addr()).is_err(), "a new connection got through");
+    wait_for(
+        w.agent('a'),
+        "agent: auth: failed: ",
+        &[&format!("{FE} -> {DB}"), "revoked"],
+        Duration::from_secs(3),
+    );
+    assert!(w.a.entries().is_empty() && w.b.entries().is_empty());
+
+    // Lifted: the pair authenticates again.
+    common::agent::write_config(&revoked, "{}");
+    w.agent('a').signal(nix::sys::signal::Signal::SIGHUP);
+    std::thread::sleep(Duration::from_millis(300));
+    let (mut c, srv, _) = held_connect(&w, &db);
+    let _echo = echo_server(srv);
+    echo(&mut c, 1000, 3).unwrap();
+    // Node b's config drops the frontend: both nodes drop the pair.
+    let mut config = auth_config();
+    config["endpoints"].as_array_mut().unwrap().remove(0);
+    let b_config = write(&w.dir.0, "policy.json", &config.to_string());
+    assert_eq!(b_config, w.config);
+    w.agent('b').signal(nix::sys::signal::Signal::SIGHUP);
+    wait_for(
+        w.agent('b'),
+        "agent: auth: revoked: ",
+        &[FE, "no longer in --config", "1 entry removed here"],
+        Duration::from_secs(3),
+    );
+    wait_for(
+        w.agent('a'),
+        "agent: auth: revoked: node node-b revoked ",
+        &[FE, "1 entry removed here"],
+        Duration::from_secs(3),
+    );
+    assert!(w.a.entries().is_empty() && w.b.entries().is_empty());
+    c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    assert!(echo(&mut c, 1000, 4).is_err(), "the flow survived");
+}
