@@ -150,9 +150,15 @@ fn peers_files_parse_and_errors_name_the_key() {
 
     let err = |text: &str| auth_files::parse_peers(text).unwrap_err();
     let e = err(r#"{"peers": {"Node_B": "198.18.0.2:7443"}}"#);
-    assert!(e.contains("peers.\"Node_B\"") && e.contains("lowercase"), "{e}");
+    assert!(
+        e.contains("peers.\"Node_B\"") && e.contains("lowercase"),
+        "{e}"
+    );
     let e = err(r#"{"peers": {"node-b": "198.18.0.2"}}"#);
-    assert!(e.contains("peers.\"node-b\"") && e.contains("ADDR:PORT"), "{e}");
+    assert!(
+        e.contains("peers.\"node-b\"") && e.contains("ADDR:PORT"),
+        "{e}"
+    );
     let e = err(r#"{"peers": {"node-b": "198.18.0.2:0"}}"#);
     assert!(e.contains("port 0"), "{e}");
     let e = err(r#"{"peers": {}, "nodes": {}}"#);
@@ -201,11 +207,19 @@ fn spiffe_ids_come_from_exactly_one_uri_san() {
     let none = auth_certs::cert_facts(&der(&pki.leaf_with(&[], 1, None))).unwrap();
     assert!(none.spiffe_id().unwrap_err().contains("subjectAltName"));
     let http = auth_certs::cert_facts(&der(&pki.leaf_with(&["https://x.example/"], 1, None)));
-    assert!(http.unwrap().spiffe_id().unwrap_err().contains("no SPIFFE ID"));
+    assert!(http
+        .unwrap()
+        .spiffe_id()
+        .unwrap_err()
+        .contains("no SPIFFE ID"));
     let two = auth_certs::cert_facts(&der(&pki.leaf_with(&[FE, DB], 1, None))).unwrap();
     assert!(two.spiffe_id().unwrap_err().contains("exactly one"));
     let bad = auth_certs::cert_facts(&der(&pki.leaf_with(&["spiffe://Mesh/x"], 1, None)));
-    assert!(bad.unwrap().spiffe_id().unwrap_err().contains("not a valid SPIFFE ID"));
+    assert!(bad
+        .unwrap()
+        .spiffe_id()
+        .unwrap_err()
+        .contains("not a valid SPIFFE ID"));
     assert!(auth_certs::cert_facts(b"not der").is_err());
     assert_eq!(auth_certs::normalize_serial(&[0, 0, 0x80]), vec![0x80]);
     assert_eq!(auth_certs::normalize_serial(&[0]), vec![0]);
@@ -222,17 +236,26 @@ fn local_certificates_load_with_errors_naming_the_flag() {
     assert_eq!((c.spiffe.as_str(), c.identity), (FE, id(FE)));
     let e = |r: anyhow::Result<auth_certs::LocalCert>| format!("{:#}", r.unwrap_err());
     let msg = e(auth_certs::load_local_cert(&fe_cert, &db_key, &provider));
-    assert!(msg.contains("--key") && msg.contains("does not match"), "{msg}");
+    assert!(
+        msg.contains("--key") && msg.contains("does not match"),
+        "{msg}"
+    );
     let missing = dir.0.join("missing.pem");
     let msg = e(auth_certs::load_local_cert(&missing, &fe_key, &provider));
-    assert!(msg.contains("--cert") && msg.contains("cannot read"), "{msg}");
+    assert!(
+        msg.contains("--cert") && msg.contains("cannot read"),
+        "{msg}"
+    );
     let (nosan, nosan_key) = write_leaf(&dir.0, "nosan", &pki.leaf_with(&[], 9, None));
     let msg = e(auth_certs::load_local_cert(&nosan, &nosan_key, &provider));
     assert!(msg.contains("--cert") && msg.contains("SPIFFE"), "{msg}");
     let msg = e(auth_certs::load_local_cert(&fe_key, &fe_key, &provider));
     assert!(msg.contains("holds no certificate"), "{msg}");
     let msg = e(auth_certs::load_local_cert(&fe_cert, &fe_cert, &provider));
-    assert!(msg.contains("--key") && msg.contains("no private key"), "{msg}");
+    assert!(
+        msg.contains("--key") && msg.contains("no private key"),
+        "{msg}"
+    );
     let ca = write(&dir.0, "ca.pem", &pki.ca_pem);
     assert_eq!(auth_certs::load_ca(&ca).unwrap().len(), 1);
     let msg = format!("{:#}", auth_certs::load_ca(&fe_key).unwrap_err());
@@ -309,8 +332,8 @@ fn verifiers_demand_the_spiffe_id_the_ca_and_validity() {
             },
         )
         .unwrap();
-        let mut c = rustls::ClientConnection::new(Arc::new(cc), auth_tls::placeholder_name())
-            .unwrap();
+        let mut c =
+            rustls::ClientConnection::new(Arc::new(cc), auth_tls::placeholder_name()).unwrap();
         let mut s = rustls::ServerConnection::new(Arc::new(sc)).unwrap();
         for _ in 0..10 {
             let mut buf = Vec::new();
@@ -319,7 +342,8 @@ fn verifiers_demand_the_spiffe_id_the_ca_and_validity() {
             }
             if !buf.is_empty() {
                 s.read_tls(&mut buf.as_slice()).unwrap();
-                s.process_new_packets().map_err(|e| format!("server: {e}"))?;
+                s.process_new_packets()
+                    .map_err(|e| format!("server: {e}"))?;
             }
             let mut buf = Vec::new();
             while s.wants_write() {
@@ -327,7 +351,8 @@ fn verifiers_demand_the_spiffe_id_the_ca_and_validity() {
             }
             if !buf.is_empty() {
                 c.read_tls(&mut buf.as_slice()).unwrap();
-                c.process_new_packets().map_err(|e| format!("client: {e}"))?;
+                c.process_new_packets()
+                    .map_err(|e| format!("client: {e}"))?;
             }
             if !c.is_handshaking() && !s.is_handshaking() {
                 return Ok(());
@@ -474,13 +499,26 @@ impl World {
         common::run(
             "ip",
             &[
-                "-n", &a.netns.name, "link", "add", "va", "type", "veth", "peer", "name", "vb",
-                "netns", &b.netns.name,
+                "-n",
+                &a.netns.name,
+                "link",
+                "add",
+                "va",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "vb",
+                "netns",
+                &b.netns.name,
             ],
         );
         for (n, dev, ip) in [(&a, "va", A_IP), (&b, "vb", B_IP)] {
             let ns = n.netns.name.as_str();
-            common::run("ip", &["-n", ns, "addr", "add", &format!("{ip}/24"), "dev", dev]);
+            common::run(
+                "ip",
+                &["-n", ns, "addr", "add", &format!("{ip}/24"), "dev", dev],
+            );
             common::run("ip", &["-n", ns, "link", "set", dev, "up"]);
         }
         let ca = write(&dir.0, "ca.pem", &pki.ca_pem);
@@ -552,7 +590,10 @@ impl World {
         let mut agent = Agent::spawn_in_netns(&n.netns.name, &self.args(which, extra));
         let ready = agent.wait_ready();
         assert!(
-            ready.contains(&format!("; auth on {}:{AUTH_PORT} (node {}, 1 identity)", n.ip, n.name)),
+            ready.contains(&format!(
+                "; auth on {}:{AUTH_PORT} (node {}, 1 identity)",
+                n.ip, n.name
+            )),
             "{ready}"
         );
         if which == 'a' {
@@ -575,9 +616,9 @@ impl World {
     /// The db's listener on node b (in its namespace and pod cgroup).
     fn db_listener(&self) -> TcpListener {
         let _in = self.b.cg.enter().expect("entering node b's pod cgroup");
-        self.b.netns.run(|| {
-            TcpListener::bind(format!("{B_IP}:{DB_PORT}")).expect("binding the db")
-        })
+        self.b
+            .netns
+            .run(|| TcpListener::bind(format!("{B_IP}:{DB_PORT}")).expect("binding the db"))
     }
 
     /// Unconnected TCP sockets of the frontend on node a (its namespace
@@ -722,13 +763,27 @@ fn auth_flags_and_files_fail_in_one_line_naming_them() {
         "peers.json",
         r#"{"peers": {"node-a": "127.0.0.1:7443"}}"#,
     );
-    let badpeers = write(&dir.0, "bad-peers.json", r#"{"peers": {"node-a": "nowhere"}}"#);
+    let badpeers = write(
+        &dir.0,
+        "bad-peers.json",
+        r#"{"peers": {"node-a": "nowhere"}}"#,
+    );
     let config = write(&dir.0, "policy.json", &auth_config().to_string());
     let p = |p: &Path| p.to_string_lossy().into_owned();
     let base = |cert: &Path, key: &Path| -> Vec<String> {
         [
-            "--cgroup", &cgs, "--node", "node-a", "--auth-listen", "127.0.0.1:0", "--ca", &p(&ca),
-            "--cert", &p(cert), "--key", &p(key),
+            "--cgroup",
+            &cgs,
+            "--node",
+            "node-a",
+            "--auth-listen",
+            "127.0.0.1:0",
+            "--ca",
+            &p(&ca),
+            "--cert",
+            &p(cert),
+            "--key",
+            &p(key),
         ]
         .iter()
         .map(|s| s.to_string())
@@ -736,11 +791,24 @@ fn auth_flags_and_files_fail_in_one_line_naming_them() {
     };
     let missing = dir.0.join("missing.pem");
     let cases: Vec<(Vec<String>, Vec<&str>)> = vec![
-        (base(&missing, &fe_key), vec!["--cert", "missing.pem", "cannot read it"]),
-        (base(&fe_cert, &db_key), vec!["--key", "db.key", "does not match", "fe.pem"]),
-        (base(&nosan, &nosan_key), vec!["--cert", "nosan.pem", "SPIFFE"]),
         (
-            [base(&fe_cert, &fe_key), vec!["--peers".into(), p(&badpeers)]].concat(),
+            base(&missing, &fe_key),
+            vec!["--cert", "missing.pem", "cannot read it"],
+        ),
+        (
+            base(&fe_cert, &db_key),
+            vec!["--key", "db.key", "does not match", "fe.pem"],
+        ),
+        (
+            base(&nosan, &nosan_key),
+            vec!["--cert", "nosan.pem", "SPIFFE"],
+        ),
+        (
+            [
+                base(&fe_cert, &fe_key),
+                vec!["--peers".into(), p(&badpeers)],
+            ]
+            .concat(),
             vec!["--peers", "peers.\"node-a\"", "ADDR:PORT"],
         ),
         (
@@ -789,10 +857,31 @@ fn auth_flags_and_files_fail_in_one_line_naming_them() {
             vec!["--node Node_A", "lowercase"],
         ),
         (
-            [base(&fe_cert, &fe_key), vec!["--auth-ttl".into(), "0".into()]].concat(),
+            [
+                base(&fe_cert, &fe_key),
+                vec!["--auth-ttl".into(), "0".into()],
+            ]
+            .concat(),
             vec!["--auth-ttl"],
         ),
     ];
+    // The flags are part of the command-line contract.
+    let mut help = Agent::spawn(&["--help"]);
+    assert_eq!(help.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    let text = help.stdout_lines().join("\n");
+    for flag in [
+        "--node",
+        "--auth-listen",
+        "--peers",
+        "--cert",
+        "--key",
+        "--ca",
+        "--auth-ttl",
+        "--auth-renew-before",
+        "--revoked",
+    ] {
+        assert!(text.contains(flag), "--help does not name {flag}: {text}");
+    }
     for (args, want) in cases {
         let f = run_failing(&args);
         let line = f.one_line_error();
@@ -849,14 +938,8 @@ fn an_auth_flow_is_held_until_the_handshake_then_flows() {
     let got = read_pattern(&mut c, 12, 256 * 1024);
     assert_eq!(got, wr.join().unwrap(), "db -> client");
     // Each node holds its own orientation of the pair.
-    assert_eq!(
-        w.a.entries(),
-        vec![(id(FE), id(DB), node_number("node-b"))]
-    );
-    assert_eq!(
-        w.b.entries(),
-        vec![(id(DB), id(FE), node_number("node-a"))]
-    );
+    assert_eq!(w.a.entries(), vec![(id(FE), id(DB), node_number("node-b"))]);
+    assert_eq!(w.b.entries(), vec![(id(DB), id(FE), node_number("node-a"))]);
     // Authenticated: first byte at once, five times.
     let mut again = Vec::new();
     for _ in 0..5 {
@@ -936,8 +1019,14 @@ fn peers_with_bad_certificates_stay_denied() {
     let other = Pki::new("another CA");
     let yesterday = SystemTime::now() - Duration::from_secs(86_400);
     let bad_servers = [
-        (fake_cert(&w, "s-imp", &w.pki.leaf(IMPOSTOR, 0x51)), format!("names {IMPOSTOR}, expected {DB}")),
-        (fake_cert(&w, "s-ca", &other.leaf(DB, 0x52)), "UnknownIssuer".to_string()),
+        (
+            fake_cert(&w, "s-imp", &w.pki.leaf(IMPOSTOR, 0x51)),
+            format!("names {IMPOSTOR}, expected {DB}"),
+        ),
+        (
+            fake_cert(&w, "s-ca", &other.leaf(DB, 0x52)),
+            "UnknownIssuer".to_string(),
+        ),
         (
             fake_cert(&w, "s-exp", &w.pki.leaf_with(&[DB], 0x53, Some(yesterday))),
             "expired".to_string(),
@@ -1014,8 +1103,14 @@ fn peers_with_bad_certificates_stay_denied() {
     // Part 2: agent b against a fake node a.
     w.start('b', &[]);
     let bad_clients = [
-        (fake_cert(&w, "c-imp", &w.pki.leaf(IMPOSTOR, 0x61)), format!("names {IMPOSTOR}, expected {FE}")),
-        (fake_cert(&w, "c-ca", &other.leaf(FE, 0x62)), "UnknownIssuer".to_string()),
+        (
+            fake_cert(&w, "c-imp", &w.pki.leaf(IMPOSTOR, 0x61)),
+            format!("names {IMPOSTOR}, expected {FE}"),
+        ),
+        (
+            fake_cert(&w, "c-ca", &other.leaf(FE, 0x62)),
+            "UnknownIssuer".to_string(),
+        ),
         (
             fake_cert(&w, "c-exp", &w.pki.leaf_with(&[FE], 0x63, Some(yesterday))),
             "xpired".to_string(),
@@ -1044,8 +1139,7 @@ fn peers_with_bad_certificates_stay_denied() {
             )
             .unwrap();
             let mut conn =
-                rustls::ClientConnection::new(Arc::new(cfg), auth_tls::placeholder_name())
-                    .unwrap();
+                rustls::ClientConnection::new(Arc::new(cfg), auth_tls::placeholder_name()).unwrap();
             complete(&mut conn, &mut s)?;
             // TLS 1.3: the client is done first; the server's verdict
             // comes with the reply.
@@ -1058,7 +1152,10 @@ fn peers_with_bad_certificates_stay_denied() {
                 .map_err(|e| e.to_string())?;
             Ok::<String, String>(reply)
         });
-        assert!(outcome.is_err(), "agent b accepted a bad client: {outcome:?}");
+        assert!(
+            outcome.is_err(),
+            "agent b accepted a bad client: {outcome:?}"
+        );
         wait_for(
             w.agent('b'),
             "agent: auth: failed: handshake from 198.18.0.1:",
@@ -1096,7 +1193,12 @@ fn entries_are_renewed_restored_and_reauthenticated_after_expiry() {
     let (mut c, srv, _) = held_connect(&w, &db);
     let _echo = echo_server(srv);
     let pair = format!("{FE} -> {DB} on node node-b");
-    wait_for(w.agent('a'), "agent: auth: ok: ", &[&pair], Duration::from_secs(2));
+    wait_for(
+        w.agent('a'),
+        "agent: auth: ok: ",
+        &[&pair],
+        Duration::from_secs(2),
+    );
     // Renewed at 2/3 of the 4 s: 35 rounds over 3.5 s all pass.
     let t = Instant::now();
     let mut round = 0;
@@ -1105,14 +1207,24 @@ fn entries_are_renewed_restored_and_reauthenticated_after_expiry() {
         round += 1;
         std::thread::sleep(Duration::from_millis(100));
     }
-    wait_for(w.agent('a'), "agent: auth: renewed: ", &[&pair, "until"], Duration::from_secs(1));
+    wait_for(
+        w.agent('a'),
+        "agent: auth: renewed: ",
+        &[&pair, "until"],
+        Duration::from_secs(1),
+    );
     wait_for(
         w.agent('b'),
         "agent: auth: ok: ",
         &[&format!("{DB} <- {FE} on node node-a")],
         Duration::from_secs(1),
     );
-    let a_renewals = w.agent('a').seen.iter().filter(|l| l.contains("renewed")).count();
+    let a_renewals = w
+        .agent('a')
+        .seen
+        .iter()
+        .filter(|l| l.contains("renewed"))
+        .count();
     assert!(a_renewals >= 1);
     let b_lines = lines_within(w.agent('b'), Duration::from_millis(10));
     assert!(
@@ -1134,7 +1246,9 @@ fn entries_are_renewed_restored_and_reauthenticated_after_expiry() {
     echo(&mut c, 1000, 100).expect("still authenticated after the restart");
     let quiet = lines_within(w.agent('a'), Duration::from_millis(800));
     assert!(
-        !quiet.iter().any(|l| l.starts_with("agent: auth: ok") || l.contains("renewed")),
+        !quiet
+            .iter()
+            .any(|l| l.starts_with("agent: auth: ok") || l.contains("renewed")),
         "no handshake after the restart: {quiet:?}"
     );
     // Let it expire (node a's view of its map), then talk again.
@@ -1201,7 +1315,10 @@ fn revocation_cuts_the_flow_on_both_nodes() {
     assert!(r.is_err(), "the flow survived the revocation");
     // New connections are held; the agent says why it cannot prove FE.
     let s = w.fe_sockets(1, Duration::from_secs(3)).pop().unwrap();
-    assert!(connect(s, db_addr()).is_err(), "a new connection got through");
+    assert!(
+        connect(s, db_addr()).is_err(),
+        "a new connection got through"
+    );
     wait_for(
         w.agent('a'),
         "agent: auth: failed: ",
