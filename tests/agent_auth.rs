@@ -1356,3 +1356,100 @@ fn revocation_cuts_the_flow_on_both_nodes() {
     c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     assert!(echo(&mut c, 1000, 4).is_err(), "the flow survived");
 }
+
+/// A pair on one node (remote node 0) authenticates through a real
+/// handshake with its own agent, which installs both orientations.
+#[test]
+fn a_pair_on_one_node_authenticates_through_its_own_agent() {
+    let mut w = World::new("local");
+    let (db_cert, db_key) = write_leaf(&w.dir.0, "local-db", &w.pki.leaf(DB, 0xd1));
+    let config = serde_json::json!({
+        "default_action": "deny",
+        "endpoints": [
+            {"ip": "127.0.0.2", "identity": FE},
+            {"ip": "127.0.0.3", "identity": DB, "node": "node-a"}
+        ],
+        "policies": [
+            {"from": FE, "to": DB, "protocol": "tcp", "ports": [DB_PORT], "action": "auth"}
+        ]
+    });
+    write(&w.dir.0, "policy.json", &config.to_string());
+    let mut agent = Agent::spawn_in_netns(
+        &w.a.netns.name,
+        &[
+            w.args('a', &[]),
+            vec![
+                "--cert".into(),
+                db_cert.to_string_lossy().into_owned(),
+                "--key".into(),
+                db_key.to_string_lossy().into_owned(),
+            ],
+        ]
+        .concat(),
+    );
+    let ready = agent.wait_ready();
+    assert!(ready.contains("(node node-a, 2 identities)"), "{ready}");
+    w.a_agent = Some(agent);
+    let (db, s) = {
+        let _in = w.a.cg.enter().expect("entering node a's pod cgroup");
+        w.a.netns.run(|| {
+            let db = TcpListener::bind(format!("127.0.0.3:{DB_PORT}")).unwrap();
+            let s = connect_socket("127.0.0.2");
+            (db, s)
+        })
+    };
+    let t = Instant::now();
+    let mut c =
+        connect(s, format!("127.0.0.3:{DB_PORT}").parse().unwrap()).expect("held, then connected");
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t.elapsed()
+    );
+    let mut srv = accept(&db, Duration::from_secs(3)).expect("accepted");
+    // The server side installs and says so before it replies.
+    wait_for(
+        w.agent('a'),
+        "agent: auth: ok: ",
+        &[&format!("{DB} <- {FE} on node node-a")],
+        Duration::from_secs(2),
+    );
+    let line = wait_for(
+        w.agent('a'),
+        "agent: auth: ok: ",
+        &[&format!("{FE} -> {DB} on node node-a"), "asked at connect"],
+        Duration::from_secs(2),
+    );
+    assert!(line.contains("handshake"), "{line}");
+    assert_eq!(
+        w.a.entries(),
+        {
+            let mut v = vec![(id(FE), id(DB), 0), (id(DB), id(FE), 0)];
+            v.sort();
+            v
+        },
+        "both orientations, remote node 0"
+    );
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    srv.write_all(b"hello").unwrap();
+    let mut buf = [0u8; 5];
+    c.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"hello");
+}
+
+/// A TCP socket bound to `src`:0, not connected (SO_SNDTIMEO 5 s).
+fn connect_socket(src: &str) -> TcpStream {
+    use nix::sys::socket::*;
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    let a: SocketAddr = format!("{src}:0").parse().unwrap();
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(a)).unwrap();
+    let s = TcpStream::from(fd);
+    s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    s
+}
