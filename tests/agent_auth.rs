@@ -1187,8 +1187,8 @@ fn peers_with_bad_certificates_stay_denied() {
 #[test]
 fn entries_are_renewed_restored_and_reauthenticated_after_expiry() {
     let mut w = World::new("expiry");
-    w.start('b', &["--auth-ttl", "4"]);
-    w.start('a', &["--auth-ttl", "4"]);
+    w.start('b', &["--auth-ttl", "6"]);
+    w.start('a', &["--auth-ttl", "6"]);
     let db = w.db_listener();
     let (mut c, srv, _) = held_connect(&w, &db);
     let _echo = echo_server(srv);
@@ -1199,10 +1199,11 @@ fn entries_are_renewed_restored_and_reauthenticated_after_expiry() {
         &[&pair],
         Duration::from_secs(2),
     );
-    // Renewed at 2/3 of the 4 s: 35 rounds over 3.5 s all pass.
+    // Renewed at 2/3 of the 6 s: rounds every 100 ms for 6.5 s, past the
+    // first expiry, all pass.
     let t = Instant::now();
     let mut round = 0;
-    while t.elapsed() < Duration::from_millis(3500) {
+    while t.elapsed() < Duration::from_millis(6500) {
         echo(&mut c, 1000, round).unwrap_or_else(|e| panic!("round {round}: {e}"));
         round += 1;
         std::thread::sleep(Duration::from_millis(100));
@@ -1234,7 +1235,7 @@ fn entries_are_renewed_restored_and_reauthenticated_after_expiry() {
 
     // Restart node a with renewal off: the entry is restored, no handshake.
     stop(w.a_agent.take().unwrap());
-    w.start('a', &["--auth-ttl", "4", "--auth-renew-before", "0"]);
+    w.start('a', &["--auth-ttl", "6", "--auth-renew-before", "0"]);
     assert!(
         w.agent('a')
             .seen
@@ -1252,7 +1253,7 @@ fn entries_are_renewed_restored_and_reauthenticated_after_expiry() {
         "no handshake after the restart: {quiet:?}"
     );
     // Let it expire (node a's view of its map), then talk again.
-    let deadline = Instant::now() + Duration::from_secs(6);
+    let deadline = Instant::now() + Duration::from_secs(8);
     while !w.a.entries().is_empty() {
         assert!(Instant::now() < deadline, "the entry did not expire");
         std::thread::sleep(Duration::from_millis(50));
