@@ -117,24 +117,8 @@ int meshpath_enroll(struct bpf_iter__tcp *ctx)
 	if (!st || st->tracked)
 		return 0;
 
-	if (sk->__sk_common.skc_family == AF_INET) {
-		mp_v4_mapped(key.local_ip, sk->__sk_common.skc_rcv_saddr);
-		mp_v4_mapped(key.remote_ip, sk->__sk_common.skc_daddr);
-	} else if (sk->__sk_common.skc_family == AF_INET6) {
-		__builtin_memcpy(key.local_ip,
-				 &sk->__sk_common.skc_v6_rcv_saddr, 16);
-		__builtin_memcpy(key.remote_ip, &sk->__sk_common.skc_v6_daddr,
-				 16);
-	} else {
+	if (!mp_key_from_sock(sk, &key))
 		return 0;
-	}
-	key.local_port = sk->__sk_common.skc_num;
-	key.remote_port = bpf_ntohs(sk->__sk_common.skc_dport);
-	if (mp_ip_is_loopback(key.local_ip) || mp_ip_is_loopback(key.remote_ip))
-		/* bpf_get_netns_cookie is not offered to iterators; it
-		 * returns this field (net/core/filter.c). */
-		key.netns =
-		    BPF_CORE_READ(sk, __sk_common.skc_net.net, net_cookie);
 
 	/* Which end connected is not recorded by the kernel: the direction
 	 * policy allows tells; when both or neither are allowed, the end with

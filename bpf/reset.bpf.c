@@ -45,19 +45,8 @@ int meshpath_reset(struct bpf_iter__tcp *ctx)
 	if (!mp_policy_on(word))
 		return 0;
 
-	if (sk->__sk_common.skc_family == AF_INET) {
-		mp_v4_mapped(key.local_ip, sk->__sk_common.skc_rcv_saddr);
-		mp_v4_mapped(key.remote_ip, sk->__sk_common.skc_daddr);
-	} else if (sk->__sk_common.skc_family == AF_INET6) {
-		__builtin_memcpy(key.local_ip,
-				 &sk->__sk_common.skc_v6_rcv_saddr, 16);
-		__builtin_memcpy(key.remote_ip, &sk->__sk_common.skc_v6_daddr,
-				 16);
-	} else {
+	if (!mp_key_from_sock(sk, &key))
 		return 0;
-	}
-	key.local_port = sk->__sk_common.skc_num;
-	key.remote_port = bpf_ntohs(sk->__sk_common.skc_dport);
 
 	mp_policy_sock_flow_j(word, &key, st->client, &j);
 	verdict = j.verdict;

@@ -108,15 +108,7 @@ impl<T: Plain + Default> Ring<T> {
         let mut n = self.queue.len();
         self.queue.clear();
         loop {
-            // SAFETY: `rb` is a live ring buffer owned by self.
-            let r = unsafe { libbpf_sys::ring_buffer__consume(self.rb.as_ptr()) };
-            if r < 0 {
-                return Err(Error::Map {
-                    map: self.map,
-                    op: "reading the ring buffer",
-                    source: std::io::Error::from_raw_os_error(-r),
-                });
-            }
+            self.consume()?;
             if self.queue.is_empty() {
                 return Ok(n);
             }
@@ -125,18 +117,24 @@ impl<T: Plain + Default> Ring<T> {
         }
     }
 
+    /// Moves every committed record of the ring into the queue.
+    fn consume(&mut self) -> Result<()> {
+        // SAFETY: `rb` is a live ring buffer owned by self.
+        let r = unsafe { libbpf_sys::ring_buffer__consume(self.rb.as_ptr()) };
+        if r < 0 {
+            return Err(Error::Map {
+                map: self.map,
+                op: "reading the ring buffer",
+                source: std::io::Error::from_raw_os_error(-r),
+            });
+        }
+        Ok(())
+    }
+
     /// The next record already in the ring, without waiting.
     pub(crate) fn try_next(&mut self) -> Result<Option<T>> {
         if self.queue.is_empty() {
-            // SAFETY: `rb` is a live ring buffer owned by self.
-            let r = unsafe { libbpf_sys::ring_buffer__consume(self.rb.as_ptr()) };
-            if r < 0 {
-                return Err(Error::Map {
-                    map: self.map,
-                    op: "reading the ring buffer",
-                    source: std::io::Error::from_raw_os_error(-r),
-                });
-            }
+            self.consume()?;
         }
         Ok(self.queue.pop_front())
     }

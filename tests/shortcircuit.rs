@@ -233,14 +233,7 @@ fn connection_established_before_attach_keeps_working_unchanged() {
     let before = env.counters();
     // Taking over established connections is tests/takeover.rs; asked not
     // to, attaching leaves them alone.
-    env.attachment = Some(
-        env.dp
-            .attach_cgroup_with(
-                env.cgroup.path(),
-                &AttachOptions::default().enroll_existing(false),
-            )
-            .unwrap(),
-    );
+    env.attach_with(&AttachOptions::default().enroll_existing(false));
     echo_rounds(&mut c, 500, 200);
     let d = env.counters().since(&before);
     assert_eq!(d.sockets_enrolled, 0, "not enrolled behind its back: {d:?}");

@@ -33,7 +33,7 @@ fn settle() {
 }
 
 fn attach(env: &mut Env) {
-    env.attachment = Some(env.dp.attach_cgroup(env.cgroup.path()).unwrap());
+    env.attach_with(&AttachOptions::default());
 }
 
 fn outcome_of(r: &EnrollReport, local: SocketAddr) -> EnrollOutcome {
@@ -151,14 +151,7 @@ fn attaching_without_enroll_existing_leaves_them_alone() {
     let (mut c, s) = env.pair("127.0.0.23:0");
     let srv = echo_server(s);
     let before = env.counters();
-    env.attachment = Some(
-        env.dp
-            .attach_cgroup_with(
-                env.cgroup.path(),
-                &AttachOptions::default().enroll_existing(false),
-            )
-            .unwrap(),
-    );
+    env.attach_with(&AttachOptions::default().enroll_existing(false));
     echo_rounds(&mut c, 500, 50);
     let d = env.counters().since(&before);
     assert_eq!(d.sockets_adopted + d.sockets_enrolled, 0, "{d:?}");
@@ -287,14 +280,7 @@ fn a_reader_asleep_in_read_keeps_its_socket_on_tcp() {
     let srv = echo_server(s.try_clone().unwrap());
     // Let the echo server fall asleep in read().
     std::thread::sleep(Duration::from_millis(100));
-    env.attachment = Some(
-        env.dp
-            .attach_cgroup_with(
-                env.cgroup.path(),
-                &AttachOptions::default().enroll_existing(false),
-            )
-            .unwrap(),
-    );
+    env.attach_with(&AttachOptions::default().enroll_existing(false));
     let r = env.dp.enroll_existing().unwrap();
     assert_eq!(
         outcome_of(&r, s.local_addr().unwrap()),

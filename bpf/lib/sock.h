@@ -190,6 +190,34 @@ MP_ALWAYS_INLINE bool mp_peer_may_be_local(const struct mp_sock_key *k)
 	return bpf_map_lookup_elem(&meshpath_local_nets, &lpm) != NULL;
 }
 
+/*
+ * The key of a full TCP socket seen by an iterator (a trusted `struct
+ * sock *`); false for a family other than IPv4/IPv6.  The netns cookie
+ * (loopback keys only) is read from the socket's namespace, as
+ * bpf_get_netns_cookie would (iterators may not call it).
+ */
+MP_ALWAYS_INLINE bool mp_key_from_sock(struct sock *sk, struct mp_sock_key *key)
+{
+	if (sk->__sk_common.skc_family == AF_INET) {
+		mp_v4_mapped(key->local_ip, sk->__sk_common.skc_rcv_saddr);
+		mp_v4_mapped(key->remote_ip, sk->__sk_common.skc_daddr);
+	} else if (sk->__sk_common.skc_family == AF_INET6) {
+		__builtin_memcpy(key->local_ip,
+				 &sk->__sk_common.skc_v6_rcv_saddr, 16);
+		__builtin_memcpy(key->remote_ip, &sk->__sk_common.skc_v6_daddr,
+				 16);
+	} else {
+		return false;
+	}
+	key->local_port = sk->__sk_common.skc_num;
+	key->remote_port = bpf_ntohs(sk->__sk_common.skc_dport);
+	if (mp_ip_is_loopback(key->local_ip) ||
+	    mp_ip_is_loopback(key->remote_ip))
+		key->netns =
+		    BPF_CORE_READ(sk, __sk_common.skc_net.net, net_cookie);
+	return true;
+}
+
 /* The key the peer of the socket keyed by `k` is enrolled under. */
 MP_ALWAYS_INLINE void mp_peer_key(const struct mp_sock_key *k,
 				  struct mp_sock_key *peer)

@@ -68,6 +68,17 @@ impl Env {
         }
     }
 
+    /// (Re)attaches the datapath to the test cgroup with `opts` (the
+    /// previous attachment, if any, is dropped first).
+    pub fn attach_with(&mut self, opts: &AttachOptions) {
+        self.attachment = None;
+        self.attachment = Some(
+            self.dp
+                .attach_cgroup_with(self.cgroup.path(), opts)
+                .expect("attaching to the test cgroup"),
+        );
+    }
+
     /// Runs `f` with the process inside the test cgroup: sockets it
     /// creates are the cgroup's for life.
     pub fn inside<T>(&self, f: impl FnOnce() -> T) -> T {
