@@ -22,7 +22,8 @@ pub use types::{
     mp_proto as Proto, mp_settings as Settings, mp_shape_bits as ShapeBits,
     mp_sock_entry as SockEntry, mp_sock_flags as SockFlags, mp_sock_key as SockKey,
     mp_sock_reason as SockReason, mp_sock_state as SockState,
-    mp_traffic_direction as TrafficDirection, mp_verdict as VerdictId,
+    mp_traffic_direction as TrafficDirection, mp_vcache_key as VcacheKey,
+    mp_vcache_value as VcacheValue, mp_verdict as VerdictId,
 };
 
 /// The layout version this build of the library writes and accepts.
@@ -49,6 +50,10 @@ unsafe impl plain::Plain for PolicyValue {}
 unsafe impl plain::Plain for EndpointValue {}
 // SAFETY: see above.
 unsafe impl plain::Plain for IdentityName {}
+// SAFETY: see above.
+unsafe impl plain::Plain for VcacheKey {}
+// SAFETY: see above.
+unsafe impl plain::Plain for VcacheValue {}
 // SAFETY: see above.
 unsafe impl plain::Plain for FlowEvent {}
 // SAFETY: see above.

@@ -65,6 +65,7 @@ pub(crate) const KNOWN_MAPS: &[&str] = &[
     "meshpath_policy_0",
     "meshpath_policy_1",
     "meshpath_policy_shapes",
+    "meshpath_verdict_cache",
     "meshpath_identities",
     "meshpath_verdicts",
     "meshpath_events",
@@ -106,6 +107,14 @@ pub struct DatapathOptions {
     /// Capacity of the policy maps (one entry per rule and port).
     /// Default 16,384.
     pub max_policies: u32,
+    /// Remember each flow's verdict at the packet hooks (XDP, cgroup_skb)
+    /// until the policy changes, so that later packets cost one hash
+    /// lookup instead of the full decision (default true; ARCHITECTURE.md,
+    /// "The verdict cache").
+    pub verdict_cache: bool,
+    /// Capacity of the verdict cache in flows (LRU: the least recently
+    /// seen flows make room). Default 16,384.
+    pub max_verdict_cache: u32,
     /// Report flow events from the start (default false: reading them
     /// with `Datapath::flows` turns them on).
     pub flow_events: bool,
@@ -143,6 +152,8 @@ impl Default for DatapathOptions {
             busy_poll_detect: true,
             max_endpoints: 16_384,
             max_policies: 16_384,
+            verdict_cache: true,
+            max_verdict_cache: 16_384,
             flow_events: false,
             event_interval: std::time::Duration::from_secs(1),
             event_ring_bytes: 4 << 20,
@@ -203,6 +214,18 @@ impl DatapathOptions {
         self
     }
 
+    /// Turns the packet hooks' verdict cache on or off.
+    pub fn verdict_cache(mut self, on: bool) -> Self {
+        self.verdict_cache = on;
+        self
+    }
+
+    /// Sets the verdict cache's capacity (flows).
+    pub fn max_verdict_cache(mut self, n: u32) -> Self {
+        self.max_verdict_cache = n;
+        self
+    }
+
     /// Sets the socket map capacity.
     pub fn max_sockets(mut self, n: u32) -> Self {
         self.max_sockets = n;
@@ -251,6 +274,7 @@ impl DatapathOptions {
             ("max_sockets", self.max_sockets),
             ("max_endpoints", self.max_endpoints),
             ("max_policies", self.max_policies),
+            ("max_verdict_cache", self.max_verdict_cache),
             ("max_auth", self.max_auth),
         ] {
             if !(2..=1 << 24).contains(&v) {
@@ -270,6 +294,7 @@ impl DatapathOptions {
                 Some(self.max_endpoints)
             }
             "meshpath_policy_0" | "meshpath_policy_1" => Some(self.max_policies),
+            "meshpath_verdict_cache" => Some(self.max_verdict_cache),
             "meshpath_events" => Some(self.event_ring_bytes),
             "meshpath_auth" => Some(self.max_auth),
             _ => None,
@@ -417,6 +442,7 @@ impl Datapath {
                 busy_detect: u8::from(opts.busy_poll_detect),
                 policy: adopted_policy,
                 events: u8::from(opts.flow_events),
+                verdict_cache: u8::from(opts.verdict_cache),
                 event_interval_ms: opts.event_interval.as_millis().min(u128::from(u32::MAX)) as u32,
                 auth_signal_interval_ms: opts
                     .auth_signal_interval
@@ -795,6 +821,14 @@ impl Datapath {
     /// already short-circuited stay so until they close.
     pub fn set_short_circuit(&self, on: bool) -> Result<()> {
         self.update_settings(|s| s.shortcircuit = u8::from(on))
+    }
+
+    /// Turns the packet hooks' verdict cache on or off at run time
+    /// ([`DatapathOptions::verdict_cache`]). Entries stay, but are used
+    /// again only while the policy generation they were made under is
+    /// live.
+    pub fn set_verdict_cache(&self, on: bool) -> Result<()> {
+        self.update_settings(|s| s.verdict_cache = u8::from(on))
     }
 
     /// Read-modify-write of the settings, serialised with every other.

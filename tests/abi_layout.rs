@@ -175,7 +175,7 @@ fn settings_layout() {
                 busy_detect,
                 policy,
                 events,
-                pad0,
+                verdict_cache,
                 pad1,
                 event_interval_ms,
                 auth_signal_interval_ms,
@@ -225,6 +225,24 @@ fn policy_value_layout() {
     check(
         "mp_policy_value",
         rust_layout!(meshpath::abi::PolicyValue, [action, pad, rule]),
+    );
+}
+
+#[test]
+fn verdict_cache_layouts() {
+    check(
+        "mp_vcache_key",
+        rust_layout!(
+            meshpath::abi::VcacheKey,
+            [saddr, daddr, sport, dport, proto, starts_only, pad]
+        ),
+    );
+    check(
+        "mp_vcache_value",
+        rust_layout!(
+            meshpath::abi::VcacheValue,
+            [gen, src_id, dst_id, rule, verdict, matched, is_reply, pad]
+        ),
     );
 }
 

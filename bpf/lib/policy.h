@@ -24,6 +24,7 @@
 #include "endpoint.h"
 #include "settings.h"
 #include "sock.h"
+#include "vcache.h"
 
 #ifndef MP_MAX_POLICIES
 #define MP_MAX_POLICIES 16384 /* default; the library sets max_entries */
@@ -310,6 +311,21 @@ MP_ALWAYS_INLINE __u32 mp_policy_flow(__u64 word, __u32 point, __u32 local,
 	return verdict;
 }
 
+/* Fills `j` from a cached judgement (never one involving `auth`: the
+ * nodes and the expiry only matter for those). */
+MP_ALWAYS_INLINE void mp_judgement_of_cached(struct mp_judgement *j,
+					     const struct mp_vcache_value *c)
+{
+	j->src_id = c->src_id;
+	j->dst_id = c->dst_id;
+	j->src_node = j->dst_node = 0;
+	j->rule = c->rule;
+	j->verdict = c->verdict;
+	j->matched = c->matched;
+	j->is_reply = c->is_reply;
+	j->auth_expiry = 0;
+}
+
 /*
  * Judges one packet from saddr:sport to daddr:dport, without connection
  * tracking: it passes when the flow it starts is allowed (saddr ->
@@ -317,22 +333,45 @@ MP_ALWAYS_INLINE __u32 mp_policy_flow(__u64 word, __u32 point, __u32 local,
  * saddr:sport).  A TCP SYN without ACK only starts flows.  ICMP has no
  * ports (0): an echo reply passes when the echo request would.  `local`
  * says which end of the packet is on this node.  Counted at `point`.
+ *
+ * The judgement is remembered in the verdict cache (lib/vcache.h) for the
+ * policy generation it was made under, unless an `auth` rule took part;
+ * later packets of the flow take it from there.
  */
 MP_ALWAYS_INLINE void
 mp_policy_packet_j(__u64 word, __u32 point, __u32 local, const __u32 saddr[4],
 		   const __u32 daddr[4], __u8 proto, __u16 sport, __u16 dport,
 		   bool starts_only, struct mp_judgement *j)
 {
+	struct mp_vcache_value *hit, put;
+	struct mp_vcache_key ck;
 	struct mp_decision rev;
 	__u64 rev_expiry = 0;
+	bool cache, auth;
 	__u32 v;
 
-	mp_policy_judge_j(word, point, local, saddr, daddr, proto, dport, j);
-	if (!mp_policy_on(word))
+	if (!mp_policy_on(word)) {
+		mp_policy_judge_j(word, point, local, saddr, daddr, proto,
+				  dport, j);
 		return;
+	}
+	cache = mp_vcache_on();
+	if (cache) {
+		mp_vcache_key_of(&ck, saddr, daddr, proto, sport, dport,
+				 starts_only);
+		hit = mp_vcache_get(&ck, mp_policy_gen(word));
+		if (hit) {
+			mp_judgement_of_cached(j, hit);
+			mp_verdict_count(point, j->verdict);
+			return;
+		}
+	}
+	mp_policy_judge_j(word, point, local, saddr, daddr, proto, dport, j);
+	auth = j->verdict == MP_V_AUTH_REQUIRED || j->auth_expiry;
 	if (!mp_verdict_passes(j->verdict) && !starts_only) {
 		rev =
 		    mp_policy_decide(word, j->dst_id, j->src_id, proto, sport);
+		auth = auth || rev.action == MP_ACTION_AUTH;
 		/* In the reply's flow the ends swap: so does the local one. */
 		v = mp_verdict_for(rev.action, point, local ^ 1, j->dst_id,
 				   j->src_id, j->dst_node, j->src_node,
@@ -344,6 +383,17 @@ mp_policy_packet_j(__u64 word, __u32 point, __u32 local, const __u32 saddr[4],
 			j->is_reply = 1;
 			j->auth_expiry = rev_expiry;
 		}
+	}
+	if (cache && !auth) {
+		put.gen = mp_policy_gen(word);
+		put.src_id = j->src_id;
+		put.dst_id = j->dst_id;
+		put.rule = j->rule;
+		put.verdict = j->verdict;
+		put.matched = j->matched;
+		put.is_reply = j->is_reply;
+		put.pad = 0;
+		mp_vcache_put(&ck, &put);
 	}
 	mp_verdict_count(point, j->verdict);
 }

@@ -229,7 +229,8 @@ struct mp_settings {
 	__u8 busy_detect;     /* 1: a peer whose lock is held gets TCP */
 	__u64 policy;	      /* the policy word, see enum mp_policy_word */
 	__u8 events;	      /* 1: report flow events (meshpath_events) */
-	__u8 pad0;
+	__u8 verdict_cache;   /* 1: packet hooks cache verdicts per flow
+				 (meshpath_verdict_cache) */
 	__u16 pad1;
 	__u32 event_interval_ms; /* packet events: at most one per flow key
 				    and verdict per interval, with a count */
@@ -329,6 +330,33 @@ struct mp_policy_value {
 	__u8 action; /* enum mp_action */
 	__u8 pad[3];
 	__u32 rule; /* the rule's number in the desired state, for reports */
+};
+
+/*
+ * Key of meshpath_verdict_cache (LRU_HASH): a packet as the stateless
+ * packet decision sees it.  Addresses v4-mapped, ports in host order.
+ */
+struct mp_vcache_key {
+	__u32 saddr[4];
+	__u32 daddr[4];
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;	  /* IANA protocol number */
+	__u8 starts_only; /* a TCP SYN without ACK: never judged as a reply */
+	__u16 pad;
+};
+
+/* Value of meshpath_verdict_cache: the judgement of such a packet and the
+ * policy generation it was made under (valid only while it is live). */
+struct mp_vcache_value {
+	__u32 gen;    /* mp_policy_gen of the word it was judged by */
+	__u32 src_id; /* identities, as the judgement reports them */
+	__u32 dst_id;
+	__u32 rule;    /* the deciding rule, if matched */
+	__u8 verdict;  /* enum mp_verdict */
+	__u8 matched;  /* a rule decided (not the default action) */
+	__u8 is_reply; /* passed as a reply in an allowed flow */
+	__u8 pad;
 };
 
 /*

@@ -260,6 +260,18 @@ impl Datapath {
         crate::netns::Netns::open(netns)?.run(|| self.reset_here())
     }
 
+    /// Flows in the packet hooks' verdict cache, stale ones included
+    /// (those made under an earlier policy generation, which are never
+    /// used again and are replaced as their flows come back or evicted
+    /// as new flows need room).
+    pub fn verdict_cache_len(&self) -> Result<usize> {
+        Ok(self
+            .maps()
+            .typed::<abi::VcacheKey, abi::VcacheValue>("meshpath_verdict_cache")?
+            .keys()?
+            .len())
+    }
+
     /// Runs the reset iterator in the calling thread's namespace.
     fn reset_here(&self) -> Result<u64> {
         let before = self.counters()?.policy_resets;
