@@ -161,22 +161,7 @@ fn policy() -> Result<PolicyState> {
 
 /// A 60-byte Ethernet frame: IPv4, UDP 198.18.0.1:40000 -> 198.18.0.2:`dport`.
 fn udp_frame(dport: u16) -> Vec<u8> {
-    let mut f = vec![0u8; 60];
-    f[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x02]);
-    f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
-    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-    let ip = &mut f[14..34];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&46u16.to_be_bytes());
-    ip[8] = 64;
-    ip[9] = 17;
-    ip[12..16].copy_from_slice(&[198, 18, 0, 1]);
-    ip[16..20].copy_from_slice(&[198, 18, 0, 2]);
-    let udp = &mut f[34..42];
-    udp[0..2].copy_from_slice(&40000u16.to_be_bytes());
-    udp[2..4].copy_from_slice(&dport.to_be_bytes());
-    udp[4..6].copy_from_slice(&26u16.to_be_bytes());
-    f
+    harness::frame::udp4([198, 18, 0, 1], 40000, [198, 18, 0, 2], dport)
 }
 
 impl Bench {

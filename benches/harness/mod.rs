@@ -23,6 +23,7 @@
 
 #![allow(dead_code)]
 
+pub mod frame;
 pub mod interrupt;
 pub mod proxy;
 pub mod rtt;
