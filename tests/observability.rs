@@ -626,6 +626,10 @@ fn metrics_parse_as_prometheus_text_and_count_the_traffic() {
         during.value("meshpath_map_entries", &[("map", "meshpath_sock_index")]),
         2.0
     );
+    assert!(
+        during.value("meshpath_map_entries", &[("map", "meshpath_verdict_cache")]) >= 1.0,
+        "the handshake's packets were judged at cgroup_skb and cached"
+    );
     assert_eq!(during.value("meshpath_events_lost_total", &[]), 0.0);
 
     // Closed: the maps empty again.

@@ -1015,17 +1015,22 @@ fn every_packet_gets_its_documented_action_and_one_counted_verdict() {
             dp.replace_policy(&state).expect("setting the policy");
             current = Some(c.state);
         }
-        let before = dp.verdicts().unwrap();
-        let action = dp.test_run_xdp(&c.packet).expect("BPF_PROG_TEST_RUN");
-        let changed = changes(&dp.verdicts().unwrap(), &before);
-        let want = vec![(Point::Xdp, c.verdict, 1)];
-        if action != c.action || changed != want {
-            failures.push(format!(
-                "{:?} ({} bytes): action {action}, want {}; counted {changed:?}, want {want:?}",
-                c.name,
-                c.packet.len(),
-                c.action
-            ));
+        // Twice: judged in full, then (where it may be cached) from the
+        // verdict cache; both must give the row's action and count it.
+        for run in ["first", "second"] {
+            let before = dp.verdicts().unwrap();
+            let action = dp.test_run_xdp(&c.packet).expect("BPF_PROG_TEST_RUN");
+            let changed = changes(&dp.verdicts().unwrap(), &before);
+            let want = vec![(Point::Xdp, c.verdict, 1)];
+            if action != c.action || changed != want {
+                failures.push(format!(
+                    "{:?} ({} bytes, {run} run): action {action}, want {}; counted {changed:?}, \
+                     want {want:?}",
+                    c.name,
+                    c.packet.len(),
+                    c.action
+                ));
+            }
         }
     }
     assert!(
@@ -1075,6 +1080,71 @@ fn a_policy_change_applies_to_the_next_packet() {
     assert_eq!(dp.test_run_xdp(&syn).unwrap(), XDP_DROP);
     dp.replace_policy(&standard_state()).unwrap();
     assert_eq!(dp.test_run_xdp(&syn).unwrap(), XDP_PASS);
+}
+
+#[test]
+fn the_verdict_cache_never_serves_a_stale_or_auth_verdict() {
+    let dp = load();
+    dp.replace_policy(&standard_state()).unwrap();
+    assert_eq!(dp.verdict_cache_len().unwrap(), 0);
+
+    // An allowed flow: judged once, then served from the cache, every
+    // packet still counted.
+    let syn = v4_tcp(C4, EPHEMERAL, S4, TCP_PORT, SYN);
+    let before = dp.verdicts().unwrap();
+    for _ in 0..100 {
+        assert_eq!(dp.test_run_xdp(&syn).unwrap(), XDP_PASS);
+    }
+    assert_eq!(
+        changes(&dp.verdicts().unwrap(), &before),
+        vec![(Point::Xdp, Verdict::Allow, 100)]
+    );
+    assert_eq!(dp.verdict_cache_len().unwrap(), 1, "one flow, one entry");
+
+    // A policy change applies to the very next packet.
+    let mut deny = standard_state();
+    deny.policies.retain(|r| r.ports != [TCP_PORT]);
+    dp.replace_policy(&deny).unwrap();
+    assert_eq!(dp.test_run_xdp(&syn).unwrap(), XDP_DROP);
+    dp.replace_policy(&standard_state()).unwrap();
+    assert_eq!(dp.test_run_xdp(&syn).unwrap(), XDP_PASS);
+
+    // An auth flow is never cached: it passes as soon as the pair is
+    // authenticated and stops as soon as the entry expires, with no
+    // policy change in between.
+    let entries = dp.verdict_cache_len().unwrap();
+    let auth = v4_tcp(C4, EPHEMERAL, S4, AUTH_PORT, SYN);
+    for _ in 0..3 {
+        assert_eq!(dp.test_run_xdp(&auth).unwrap(), XDP_DROP);
+    }
+    let key = meshpath::AuthKey {
+        local: meshpath::policy::derive_number(SERVER),
+        remote: meshpath::policy::derive_number(CLIENT),
+        remote_node: 0,
+    };
+    let until = std::time::SystemTime::now() + Duration::from_millis(400);
+    dp.auth_insert(key, until).unwrap();
+    assert_eq!(dp.test_run_xdp(&auth).unwrap(), XDP_PASS);
+    assert_eq!(dp.test_run_xdp(&auth).unwrap(), XDP_PASS);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(dp.test_run_xdp(&auth).unwrap(), XDP_DROP, "expired");
+    // A reply in an auth flow (server -> client): not cached either.
+    let reply = v4_tcp(S4, AUTH_PORT, C4, EPHEMERAL, ACK);
+    assert_eq!(dp.test_run_xdp(&reply).unwrap(), XDP_DROP);
+    assert_eq!(
+        dp.verdict_cache_len().unwrap(),
+        entries,
+        "no auth verdict was cached"
+    );
+
+    // Off: nothing new is cached, verdicts stay right.
+    dp.set_verdict_cache(false).unwrap();
+    let other = v4_tcp(C4, EPHEMERAL + 1, S4, TCP_PORT, SYN);
+    assert_eq!(dp.test_run_xdp(&other).unwrap(), XDP_PASS);
+    assert_eq!(dp.verdict_cache_len().unwrap(), entries);
+    dp.set_verdict_cache(true).unwrap();
+    assert_eq!(dp.test_run_xdp(&other).unwrap(), XDP_PASS);
+    assert_eq!(dp.verdict_cache_len().unwrap(), entries + 1);
 }
 
 #[test]

@@ -11,7 +11,9 @@
 //! * `meshpath_policy_verdicts_total{point,verdict}`: every policy
 //!   verdict per enforcement point (`Datapath::verdicts`);
 //! * `meshpath_map_entries{map}`: entries in the SOCKHASH
-//!   (`meshpath_sockets`) and in the socket index (`meshpath_sock_index`);
+//!   (`meshpath_sockets`), in the socket index (`meshpath_sock_index`)
+//!   and in the packet hooks' verdict cache (`meshpath_verdict_cache`,
+//!   stale entries included);
 //! * `meshpath_policy_enabled`, `meshpath_policy_endpoints`,
 //!   `meshpath_policy_rules`, `meshpath_policy_identities`: the policy in
 //!   force (the desired state the agent applied);
@@ -351,6 +353,12 @@ fn render(dp: &Datapath, flows: &FlowStats) -> anyhow::Result<String> {
         "meshpath_map_entries",
         &[("map", "meshpath_sock_index")],
         index as u64,
+    );
+    let cached = dp.verdict_cache_len().context("the verdict cache")?;
+    m.sample(
+        "meshpath_map_entries",
+        &[("map", "meshpath_verdict_cache")],
+        cached as u64,
     );
 
     let policy = dp.policy();
