@@ -112,6 +112,165 @@ pub(crate) fn keys<K: Plain + Default + Copy>(fd: BorrowedFd<'_>) -> io::Result<
     }
 }
 
+/// Elements per batch command: large enough that a 100,000-entry map is a
+/// few dozen syscalls, small enough that the buffers stay small.
+const BATCH: usize = 8192;
+
+fn batch_opts(elem_flags: u64) -> libbpf_sys::bpf_map_batch_opts {
+    libbpf_sys::bpf_map_batch_opts {
+        sz: std::mem::size_of::<libbpf_sys::bpf_map_batch_opts>() as _,
+        elem_flags,
+        flags: 0,
+    }
+}
+
+/// The kernel has no batch command for this map (or none at all).
+fn batch_unsupported(e: &io::Error) -> bool {
+    const ENOTSUPP: i32 = 524; // the kernel's internal "not supported"
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) | Some(ENOTSUPP)
+    )
+}
+
+/// Every (key, value) of a hash-like map, read with BPF_MAP_LOOKUP_BATCH
+/// (a few syscalls for the whole map) where the kernel has it for the
+/// map, key by key otherwise.
+pub(crate) fn entries<K: Plain + Default + Copy, V: Plain + Default + Copy>(
+    fd: BorrowedFd<'_>,
+) -> io::Result<Vec<(K, V)>> {
+    let mut out = Vec::new();
+    let mut keys = vec![K::default(); BATCH];
+    let mut values = vec![V::default(); BATCH];
+    // The batch cursor is opaque: a key for most maps, a 4-byte bucket
+    // index for hash maps.
+    let cursor_len = std::mem::size_of::<K>().max(8);
+    let (mut cursor_in, mut cursor_out) = (vec![0u8; cursor_len], vec![0u8; cursor_len]);
+    let opts = batch_opts(0);
+    let mut first = true;
+    loop {
+        let mut count = BATCH as u32;
+        let in_ptr = if first {
+            std::ptr::null_mut()
+        } else {
+            cursor_in.as_mut_ptr().cast()
+        };
+        // SAFETY: the key and value buffers hold `count` elements of the
+        // map's key and value sizes (checked by the typed wrappers), the
+        // cursors are at least as large as a key, `opts` is initialised.
+        let r = unsafe {
+            libbpf_sys::bpf_map_lookup_batch(
+                fd.as_raw_fd(),
+                in_ptr,
+                cursor_out.as_mut_ptr().cast(),
+                keys.as_mut_ptr().cast(),
+                values.as_mut_ptr().cast(),
+                &mut count,
+                &opts,
+            )
+        };
+        let n = (count as usize).min(BATCH);
+        let got = keys[..n].iter().copied().zip(values[..n].iter().copied());
+        match ret(r) {
+            Ok(()) => {
+                out.extend(got);
+                cursor_in.copy_from_slice(&cursor_out);
+                first = false;
+            }
+            // The last batch (possibly empty).
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                out.extend(got);
+                return Ok(out);
+            }
+            Err(e) if first && batch_unsupported(&e) => return entries_one_by_one(fd),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn entries_one_by_one<K: Plain + Default + Copy, V: Plain + Default + Copy>(
+    fd: BorrowedFd<'_>,
+) -> io::Result<Vec<(K, V)>> {
+    let mut out = Vec::new();
+    for k in keys::<K>(fd)? {
+        if let Some(v) = lookup::<K, V>(fd, &k)? {
+            out.push((k, v));
+        }
+    }
+    Ok(out)
+}
+
+/// Inserts or replaces every element, in order, with BPF_MAP_UPDATE_BATCH
+/// where the kernel has it (one by one otherwise). On error, says which
+/// element failed (its index) and why; the ones before it are written.
+pub(crate) fn update_many<K: Plain, V: Plain>(
+    fd: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), (usize, io::Error)> {
+    assert_eq!(keys.len(), values.len(), "one value per key");
+    let opts = batch_opts(u64::from(libbpf_sys::BPF_ANY));
+    let mut done = 0;
+    while done < keys.len() {
+        let end = (done + BATCH).min(keys.len());
+        let mut count = (end - done) as u32;
+        // SAFETY: `count` keys and values of the map's sizes follow the
+        // pointers; the kernel only reads them.
+        let r = unsafe {
+            libbpf_sys::bpf_map_update_batch(
+                fd.as_raw_fd(),
+                keys[done..end].as_ptr().cast(),
+                values[done..end].as_ptr().cast(),
+                &mut count,
+                &opts,
+            )
+        };
+        match ret(r) {
+            Ok(()) => done = end,
+            Err(e) if done == 0 && count == 0 && batch_unsupported(&e) => {
+                for (i, (k, v)) in keys.iter().zip(values).enumerate() {
+                    update(fd, k, v, u64::from(libbpf_sys::BPF_ANY)).map_err(|e| (i, e))?;
+                }
+                return Ok(());
+            }
+            Err(e) => return Err((done + count as usize, e)),
+        }
+    }
+    Ok(())
+}
+
+/// Deletes every key, with BPF_MAP_DELETE_BATCH where the kernel has it
+/// (one by one otherwise). A key already absent is an error (ENOENT) in
+/// a batch: callers delete keys they have just read.
+pub(crate) fn delete_many<K: Plain>(fd: BorrowedFd<'_>, keys: &[K]) -> io::Result<()> {
+    let opts = batch_opts(0);
+    let mut done = 0;
+    while done < keys.len() {
+        let end = (done + BATCH).min(keys.len());
+        let mut count = (end - done) as u32;
+        // SAFETY: `count` keys of the map's key size follow the pointer.
+        let r = unsafe {
+            libbpf_sys::bpf_map_delete_batch(
+                fd.as_raw_fd(),
+                keys[done..end].as_ptr().cast(),
+                &mut count,
+                &opts,
+            )
+        };
+        match ret(r) {
+            Ok(()) => done = end,
+            Err(e) if done == 0 && count == 0 && batch_unsupported(&e) => {
+                for k in keys {
+                    delete(fd, k)?;
+                }
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Basic facts about a map, read from the kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct MapFacts {

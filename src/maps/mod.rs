@@ -193,6 +193,49 @@ impl<'a, K: Plain, V: Plain> TypedMap<'a, K, V> {
         })
     }
 
+    /// Every (key, value), read in batches where the kernel can.
+    pub(crate) fn entries(&self) -> Result<Vec<(K, V)>>
+    where
+        K: Default + Copy,
+        V: Default + Copy,
+    {
+        sys::entries(self.fd).map_err(|source| Error::Map {
+            map: self.name,
+            op: "listing entries",
+            source,
+        })
+    }
+
+    /// Writes every (key, value), in batches where the kernel can. A
+    /// failure names the element (`what`) and leaves the earlier ones
+    /// written; a full map is `Error::MapFull`.
+    pub(crate) fn update_many(
+        &self,
+        items: &[(K, V)],
+        what: impl Fn(&K, &V) -> String,
+    ) -> Result<()>
+    where
+        K: Copy,
+        V: Copy,
+    {
+        let keys: Vec<K> = items.iter().map(|(k, _)| *k).collect();
+        let values: Vec<V> = items.iter().map(|(_, v)| *v).collect();
+        sys::update_many(self.fd, &keys, &values).map_err(|(i, source)| {
+            let (k, v) = &items[i.min(items.len().saturating_sub(1))];
+            Error::map(self.name, "update", self.max_entries, || what(k, v), source)
+        })
+    }
+
+    /// Deletes every key (each must be present), in batches where the
+    /// kernel can.
+    pub(crate) fn delete_many(&self, keys: &[K]) -> Result<()> {
+        sys::delete_many(self.fd, keys).map_err(|source| Error::Map {
+            map: self.name,
+            op: "delete",
+            source,
+        })
+    }
+
     pub(crate) fn keys(&self) -> Result<Vec<K>>
     where
         K: Default + Copy,

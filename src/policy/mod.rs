@@ -302,15 +302,11 @@ impl Datapath {
     }
 
     fn write_identity(&self, n: u32, identity: &Identity) -> Result<()> {
-        let name = identity.to_string();
-        let mut v = IdentityName {
-            len: name.len() as u32,
-            name: [0; 252],
-        };
-        v.name[..name.len()].copy_from_slice(name.as_bytes());
         self.maps()
             .typed::<u32, IdentityName>("meshpath_identities")?
-            .update(&n, &v, || format!("identity {identity}"))
+            .update(&n, &identity_name(identity), || {
+                format!("identity {identity}")
+            })
     }
 
     fn apply_locked(&self, slot: &mut PolicySlot, state: PolicyState) -> Result<PolicyChange> {
@@ -324,9 +320,19 @@ impl Datapath {
         // With policy off both copies may be stale: fill epoch 0's twin.
         let idle = if on { live ^ 1 } else { 1 };
         let mut change = sync_epoch(maps, idle, &compiled)?;
-        for (n, id) in ids.iter() {
-            self.write_identity(n, id)?;
-        }
+        // Identity names: written before the state goes live (observers
+        // name what they see), the ones no longer used removed after.
+        let names = maps.typed::<u32, IdentityName>("meshpath_identities")?;
+        let have: BTreeMap<u32, IdentityName> = names.entries()?.into_iter().collect();
+        let writes: Vec<(u32, IdentityName)> = ids
+            .iter()
+            .map(|(n, id)| (n, identity_name(id)))
+            .filter(|(n, v)| have.get(n).map(|h| (h.len, h.name)) != Some((v.len, v.name)))
+            .collect();
+        names.update_many(&writes, |n, _| match ids.name(*n) {
+            Some(id) => format!("identity {id}"),
+            None => format!("identity {n}"),
+        })?;
         let gen = gen.wrapping_add(1);
         let default = match compiled.default_action {
             DefaultAction::Allow => abi::Action::MP_ACTION_ALLOW.0,
@@ -341,12 +347,12 @@ impl Datapath {
         // which the next change repairs (it diffs against what the kernel
         // holds).
         let _ = sync_epoch(maps, idle ^ 1, &compiled);
-        let names = maps.typed::<u32, IdentityName>("meshpath_identities")?;
-        for n in names.keys()? {
-            if ids.name(n).is_none() {
-                let _ = names.delete(&n);
-            }
-        }
+        let gone: Vec<u32> = have
+            .keys()
+            .copied()
+            .filter(|n| ids.name(*n).is_none())
+            .collect();
+        let _ = names.delete_many(&gone);
         slot.state = Some(state);
         change.generation = gen;
         match self.reset_denied_flows() {
@@ -355,6 +361,17 @@ impl Datapath {
         }
         Ok(change)
     }
+}
+
+/// The identity names map's value for `identity`.
+fn identity_name(identity: &Identity) -> IdentityName {
+    let name = identity.to_string();
+    let mut v = IdentityName {
+        len: name.len() as u32,
+        name: [0; 252],
+    };
+    v.name[..name.len()].copy_from_slice(name.as_bytes());
+    v
 }
 
 /// Waits for an RCU grace period: every BPF program running now (they run
@@ -372,8 +389,9 @@ fn rcu_grace_period() {
 }
 
 /// Makes epoch `epoch`'s maps hold exactly `c`: reads what they hold and
-/// writes the difference. Used on the idle copy, so partial failure
-/// affects no decision.
+/// writes the difference, in batches (a 100,000-entry map is a few dozen
+/// syscalls). Used on the idle copy, so partial failure affects no
+/// decision.
 fn sync_epoch(maps: &MapSet, epoch: u32, c: &Compiled) -> Result<PolicyChange> {
     let mut change = PolicyChange::default();
     let (ep_name, pol_name) = if epoch == 0 {
@@ -382,64 +400,59 @@ fn sync_epoch(maps: &MapSet, epoch: u32, c: &Compiled) -> Result<PolicyChange> {
         ("meshpath_endpoints_1", "meshpath_policy_1")
     };
     let eps = maps.typed::<LpmKey, EndpointValue>(ep_name)?;
-    let mut have: BTreeMap<(u32, [u32; 4]), (u32, u32)> = BTreeMap::new();
-    for k in eps.keys()? {
-        if let Some(v) = eps.lookup(&k)? {
-            have.insert((k.prefixlen, k.addr), (v.identity, v.node));
-        }
-    }
-    for ((plen, addr), (id, node)) in &c.endpoints {
-        if have.get(&(*plen, *addr)) != Some(&(*id, *node)) {
-            let k = LpmKey {
-                prefixlen: *plen,
-                addr: *addr,
-            };
-            let v = EndpointValue {
-                identity: *id,
-                node: *node,
-            };
-            eps.update(&k, &v, || {
-                format!("endpoint {}/{plen}", abi::words_to_ip(*addr))
-            })?;
-            change.endpoints_written += 1;
-        }
-    }
-    for (plen, addr) in have.keys() {
-        if !c.endpoints.contains_key(&(*plen, *addr)) {
-            eps.delete(&LpmKey {
-                prefixlen: *plen,
-                addr: *addr,
-            })?;
-            change.endpoints_removed += 1;
-        }
-    }
+    let have: BTreeMap<(u32, [u32; 4]), (u32, u32)> = eps
+        .entries()?
+        .into_iter()
+        .map(|(k, v)| ((k.prefixlen, k.addr), (v.identity, v.node)))
+        .collect();
+    let writes: Vec<(LpmKey, EndpointValue)> = c
+        .endpoints
+        .iter()
+        .filter(|(k, v)| have.get(k) != Some(v))
+        .map(|(&(prefixlen, addr), &(identity, node))| {
+            (LpmKey { prefixlen, addr }, EndpointValue { identity, node })
+        })
+        .collect();
+    eps.update_many(&writes, |k, _| {
+        format!("endpoint {}/{}", abi::words_to_ip(k.addr), k.prefixlen)
+    })?;
+    change.endpoints_written = writes.len();
+    let removals: Vec<LpmKey> = have
+        .keys()
+        .filter(|k| !c.endpoints.contains_key(k))
+        .map(|&(prefixlen, addr)| LpmKey { prefixlen, addr })
+        .collect();
+    eps.delete_many(&removals)?;
+    change.endpoints_removed = removals.len();
 
     let pol = maps.typed::<PolicyKey, PolicyValue>(pol_name)?;
-    let mut have: BTreeMap<[u8; 12], (u8, u32)> = BTreeMap::new();
-    for k in pol.keys()? {
-        if let Some(v) = pol.lookup(&k)? {
-            have.insert(model::bytes_of_key(&k), (v.action, v.rule));
-        }
-    }
-    for (k, (action, rule)) in &c.rules {
-        if have.get(k) != Some(&(*action, *rule)) {
+    let have: BTreeMap<[u8; 12], (u8, u32)> = pol
+        .entries()?
+        .into_iter()
+        .map(|(k, v)| (model::bytes_of_key(&k), (v.action, v.rule)))
+        .collect();
+    let writes: Vec<(PolicyKey, PolicyValue)> = c
+        .rules
+        .iter()
+        .filter(|(k, v)| have.get(*k) != Some(v))
+        .map(|(k, &(action, rule))| {
             let v = PolicyValue {
-                action: *action,
+                action,
                 pad: [0; 3],
-                rule: *rule,
+                rule,
             };
-            pol.update(&model::key_of_bytes(k), &v, || {
-                format!("policy rule {rule}")
-            })?;
-            change.rules_written += 1;
-        }
-    }
-    for k in have.keys() {
-        if !c.rules.contains_key(k) {
-            pol.delete(&model::key_of_bytes(k))?;
-            change.rules_removed += 1;
-        }
-    }
+            (model::key_of_bytes(k), v)
+        })
+        .collect();
+    pol.update_many(&writes, |_, v| format!("policy rule {}", v.rule))?;
+    change.rules_written = writes.len();
+    let removals: Vec<PolicyKey> = have
+        .keys()
+        .filter(|k| !c.rules.contains_key(*k))
+        .map(model::key_of_bytes)
+        .collect();
+    pol.delete_many(&removals)?;
+    change.rules_removed = removals.len();
     maps.typed::<u32, u32>("meshpath_policy_shapes")?
         .update(&epoch, &c.shapes, || "policy shapes".into())?;
     Ok(change)
