@@ -276,6 +276,42 @@ fn detach_while_traffic_flows_loses_nothing() {
 }
 
 #[test]
+fn detach_and_reattach_while_traffic_flows_loses_nothing() {
+    let mut env = Env::new("reattach_while_flowing");
+    let before = env.counters();
+    let (c, s) = env.pair("127.0.0.10:0");
+    let echo = |env: &Env, size: usize| -> u64 {
+        let b = env.counters();
+        let (mut c2, s2) = env.pair("127.0.0.10:0");
+        let srv = echo_server(s2);
+        echo_rounds(&mut c2, size, 10);
+        drop(c2);
+        assert_eq!(srv.join().unwrap(), 10 * size as u64, "echo of {size} B");
+        env.counters().since(&b).sockets_enrolled
+    };
+    let mut cycles = 0;
+    stream_while(
+        || {
+            for round in 0..5 {
+                env.attachment = None;
+                assert_eq!(echo(&env, 300 + round), 0, "detached: plain TCP");
+                env.attach_with(&AttachOptions::default());
+                assert_eq!(echo(&env, 700 + round), 2, "re-attached: enrolled");
+                cycles += 1;
+            }
+        },
+        c,
+        s,
+        256 << 20,
+    );
+    assert_eq!(cycles, 5);
+    let d = env.counters().since(&before);
+    assert!(d.msgs_redirected > 0, "{d:?}");
+    drop(env.attachment.take());
+    env.sweep_and_wait_empty(Duration::from_secs(5));
+}
+
+#[test]
 fn unloading_the_datapath_while_traffic_flows_loses_nothing() {
     let env = Env::new("unload_while_flowing");
     let (c, s) = env.pair("127.0.0.9:0");
