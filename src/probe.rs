@@ -68,10 +68,30 @@ impl KernelQuirks {
 
 /// Checks what the datapath needs before loading anything.
 pub(crate) fn check_kernel() -> Result<()> {
-    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+    check_kernel_with(
+        Path::new("/sys/kernel/btf/vmlinux"),
+        // SAFETY: plain probe call; NULL opts are allowed.
+        |ty| unsafe { libbpf_sys::libbpf_probe_bpf_prog_type(ty, std::ptr::null()) },
+        // SAFETY: plain probe call; NULL opts are allowed.
+        |ty| unsafe { libbpf_sys::libbpf_probe_bpf_map_type(ty, std::ptr::null()) },
+    )
+}
+
+/// [`check_kernel`] against a BTF path and probe functions (libbpf's
+/// convention: 1 supported, 0 not, -errno when probing failed), so that
+/// the answer to a kernel without a feature can be tested on one with it.
+fn check_kernel_with(
+    btf: &Path,
+    probe_prog: impl Fn(u32) -> i32,
+    probe_map: impl Fn(u32) -> i32,
+) -> Result<()> {
+    if !btf.exists() {
         return Err(Error::KernelFeature {
             feature: "BTF type information (CONFIG_DEBUG_INFO_BTF)",
-            detail: "/sys/kernel/btf/vmlinux is missing; meshpath's CO-RE programs need a kernel built with BTF".into(),
+            detail: format!(
+                "{} is missing; meshpath's CO-RE programs need a kernel built with BTF",
+                btf.display()
+            ),
         });
     }
     let progs = [
@@ -89,9 +109,7 @@ pub(crate) fn check_kernel() -> Result<()> {
         ),
     ];
     for (ty, feature) in progs {
-        // SAFETY: plain probe call; NULL opts are allowed.
-        let r = unsafe { libbpf_sys::libbpf_probe_bpf_prog_type(ty, std::ptr::null()) };
-        probe_result(r, feature)?;
+        probe_result(probe_prog(ty), feature)?;
     }
     let maps = [
         (
@@ -104,9 +122,7 @@ pub(crate) fn check_kernel() -> Result<()> {
         ),
     ];
     for (ty, feature) in maps {
-        // SAFETY: plain probe call; NULL opts are allowed.
-        let r = unsafe { libbpf_sys::libbpf_probe_bpf_map_type(ty, std::ptr::null()) };
-        probe_result(r, feature)?;
+        probe_result(probe_map(ty), feature)?;
     }
     Ok(())
 }
@@ -259,8 +275,57 @@ fn parse_kallsyms(text: &str, name: &str) -> Option<u64> {
 }
 
 #[cfg(test)]
-mod kallsyms_tests {
-    use super::parse_kallsyms;
+mod tests {
+    use super::{check_kernel_with, parse_kallsyms, Error, Path, Result};
+
+    fn feature_of(r: Result<()>) -> (&'static str, String) {
+        match r {
+            Err(Error::KernelFeature { feature, detail }) => (feature, detail),
+            other => panic!("expected a missing kernel feature, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_kernel_without_a_feature_is_refused_naming_it() {
+        let btf = Path::new("/proc/self/exe"); // any existing file
+        let all = |_: u32| 1;
+        assert!(check_kernel_with(btf, all, all).is_ok());
+
+        let (f, d) = feature_of(check_kernel_with(
+            Path::new("/nonexistent/btf/vmlinux"),
+            all,
+            all,
+        ));
+        assert!(f.contains("BTF"), "{f}");
+        assert!(d.contains("/nonexistent/btf/vmlinux"), "{d}");
+
+        let no_sockhash = |ty: u32| i32::from(ty != libbpf_sys::BPF_MAP_TYPE_SOCKHASH);
+        let (f, d) = feature_of(check_kernel_with(btf, all, no_sockhash));
+        assert!(f.contains("SOCKHASH"), "{f}");
+        assert!(d.contains("does not support"), "{d}");
+
+        let no_sk_msg = |ty: u32| i32::from(ty != libbpf_sys::BPF_PROG_TYPE_SK_MSG);
+        let (f, _) = feature_of(check_kernel_with(btf, no_sk_msg, all));
+        assert!(f.contains("sk_msg"), "{f}");
+
+        let failing = |ty: u32| {
+            if ty == libbpf_sys::BPF_MAP_TYPE_SK_STORAGE {
+                -libc::EINVAL
+            } else {
+                1
+            }
+        };
+        let (f, d) = feature_of(check_kernel_with(btf, all, failing));
+        assert!(f.contains("socket local storage"), "{f}");
+        assert!(d.contains("probing failed"), "{d}");
+
+        // Not permitted is its own error, not a missing feature.
+        let eperm = |_: u32| -libc::EPERM;
+        match check_kernel_with(btf, eperm, all) {
+            Err(Error::NotPermitted { .. }) => {}
+            other => panic!("expected NotPermitted, got {other:?}"),
+        }
+    }
 
     #[test]
     fn finds_a_symbol_and_ignores_module_ones_and_hidden_addresses() {
