@@ -547,12 +547,24 @@ fn a_full_policy_map_is_refused_and_the_live_state_stays() {
         policies: vec![Rule::new(FE, DB, "tcp", &[db_addr.port()], "allow").unwrap()],
     };
     env.dp.replace_policy(&small).unwrap();
+    // The cache may reach the database on six more ports: they do not fit.
+    let extra: Vec<TcpListener> = (0..6).map(|_| listen(&env, "127.0.0.3:0")).collect();
+    let extra_ports: Vec<u16> = extra
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect();
     let mut big = small.clone();
     big.policies
-        .push(Rule::new(CACHE, DB, "tcp", &[1, 2, 3, 4, 5, 6], "allow").unwrap());
+        .push(Rule::new(CACHE, DB, "tcp", &extra_ports, "allow").unwrap());
     let e = env.dp.replace_policy(&big).unwrap_err();
     assert!(matches!(e, Error::MapFull { .. }), "{e}");
-    assert_eq!(env.dp.policy(), Some(small));
+    assert_eq!(env.dp.policy(), Some(small.clone()));
+    let cache_denied_everywhere = |when: &str| {
+        for l in &extra {
+            let r = connect_from("127.0.0.4", l.local_addr().unwrap());
+            assert!(is_eperm(&r), "{when}: the cache reached {l:?}: {r:?}");
+        }
+    };
     env.inside(|| {
         assert!(
             connect_from("127.0.0.2", db_addr).is_ok(),
@@ -562,7 +574,19 @@ fn a_full_policy_map_is_refused_and_the_live_state_stays() {
             is_eperm(&connect_from("127.0.0.4", db_addr)),
             "and still denies"
         );
+        cache_denied_everywhere("after the failed replace");
     });
+    // The failed replace left part of `big` in the idle copy. The next
+    // change makes that copy live: it must hold exactly the new state
+    // (the library reads the copy back instead of trusting what it meant
+    // to write), twice so that both copies are checked.
+    for round in 0..2 {
+        env.dp.replace_policy(&small).unwrap();
+        env.inside(|| {
+            assert!(connect_from("127.0.0.2", db_addr).is_ok());
+            cache_denied_everywhere(&format!("replace {round} after the failure"));
+        });
+    }
 }
 
 #[test]

@@ -31,7 +31,18 @@ pub(crate) struct PolicySlot {
     state: Option<PolicyState>,
     /// Identities registered without being used (upsert_identity).
     extra: BTreeSet<Identity>,
+    /// What each copy (epoch) of the endpoint and policy maps holds, as
+    /// this datapath last wrote it.
+    copies: [Known; 2],
 }
+
+/// The entries of one copy of the endpoint and policy maps, as last
+/// written: the next change diffs against them instead of reading the
+/// maps back. `None` (at load, pinned maps adopted included, and after a
+/// write that failed part-way): read the maps.
+type Known = Option<(EndpointEntries, RuleEntries)>;
+type EndpointEntries = BTreeMap<(u32, [u32; 4]), (u32, u32)>;
+type RuleEntries = BTreeMap<[u8; 12], (u8, u32)>;
 
 /// What a policy change did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -319,7 +330,7 @@ impl Datapath {
         let (gen, on, _, live) = abi::policy_word_parts(read_settings(maps)?.policy);
         // With policy off both copies may be stale: fill epoch 0's twin.
         let idle = if on { live ^ 1 } else { 1 };
-        let mut change = sync_epoch(maps, idle, &compiled)?;
+        let mut change = sync_epoch(maps, idle, &compiled, &mut slot.copies[idle as usize])?;
         // Identity names: written before the state goes live (observers
         // name what they see), the ones no longer used removed after.
         let names = maps.typed::<u32, IdentityName>("meshpath_identities")?;
@@ -346,7 +357,8 @@ impl Datapath {
         // Bring the other copy up to date; a failure here leaves it stale,
         // which the next change repairs (it diffs against what the kernel
         // holds).
-        let _ = sync_epoch(maps, idle ^ 1, &compiled);
+        let other = &mut slot.copies[(idle ^ 1) as usize];
+        let _ = sync_epoch(maps, idle ^ 1, &compiled, other);
         let gone: Vec<u32> = have
             .keys()
             .copied()
@@ -388,11 +400,12 @@ fn rcu_grace_period() {
     }
 }
 
-/// Makes epoch `epoch`'s maps hold exactly `c`: reads what they hold and
-/// writes the difference, in batches (a 100,000-entry map is a few dozen
-/// syscalls). Used on the idle copy, so partial failure affects no
-/// decision.
-fn sync_epoch(maps: &MapSet, epoch: u32, c: &Compiled) -> Result<PolicyChange> {
+/// Makes epoch `epoch`'s maps hold exactly `c`: writes the difference
+/// between `c` and what they hold (`known`, or else read back from the
+/// kernel), in batches (a 100,000-entry map is a few dozen syscalls).
+/// Used on the idle copy, so partial failure affects no decision; it
+/// leaves `known` empty, so the next change reads the maps.
+fn sync_epoch(maps: &MapSet, epoch: u32, c: &Compiled, known: &mut Known) -> Result<PolicyChange> {
     let mut change = PolicyChange::default();
     let (ep_name, pol_name) = if epoch == 0 {
         ("meshpath_endpoints_0", "meshpath_policy_0")
@@ -400,11 +413,20 @@ fn sync_epoch(maps: &MapSet, epoch: u32, c: &Compiled) -> Result<PolicyChange> {
         ("meshpath_endpoints_1", "meshpath_policy_1")
     };
     let eps = maps.typed::<LpmKey, EndpointValue>(ep_name)?;
-    let have: BTreeMap<(u32, [u32; 4]), (u32, u32)> = eps
-        .entries()?
-        .into_iter()
-        .map(|(k, v)| ((k.prefixlen, k.addr), (v.identity, v.node)))
-        .collect();
+    let pol = maps.typed::<PolicyKey, PolicyValue>(pol_name)?;
+    let (have, have_rules) = match known.take() {
+        Some(k) => k,
+        None => (
+            eps.entries()?
+                .into_iter()
+                .map(|(k, v)| ((k.prefixlen, k.addr), (v.identity, v.node)))
+                .collect(),
+            pol.entries()?
+                .into_iter()
+                .map(|(k, v)| (model::bytes_of_key(&k), (v.action, v.rule)))
+                .collect(),
+        ),
+    };
     let writes: Vec<(LpmKey, EndpointValue)> = c
         .endpoints
         .iter()
@@ -425,12 +447,7 @@ fn sync_epoch(maps: &MapSet, epoch: u32, c: &Compiled) -> Result<PolicyChange> {
     eps.delete_many(&removals)?;
     change.endpoints_removed = removals.len();
 
-    let pol = maps.typed::<PolicyKey, PolicyValue>(pol_name)?;
-    let have: BTreeMap<[u8; 12], (u8, u32)> = pol
-        .entries()?
-        .into_iter()
-        .map(|(k, v)| (model::bytes_of_key(&k), (v.action, v.rule)))
-        .collect();
+    let have = have_rules;
     let writes: Vec<(PolicyKey, PolicyValue)> = c
         .rules
         .iter()
@@ -455,5 +472,6 @@ fn sync_epoch(maps: &MapSet, epoch: u32, c: &Compiled) -> Result<PolicyChange> {
     change.rules_removed = removals.len();
     maps.typed::<u32, u32>("meshpath_policy_shapes")?
         .update(&epoch, &c.shapes, || "policy shapes".into())?;
+    *known = Some((c.endpoints.clone(), c.rules.clone()));
     Ok(change)
 }
