@@ -16,7 +16,7 @@ pub use types::{
     mp_cgroup_flags as CgroupFlags, mp_counter as CounterId, mp_dir_mode as DirMode,
     mp_endpoint as EndpointValue, mp_enroll_outcome as EnrollOutcomeId,
     mp_enroll_record as EnrollRecord, mp_event_type as EventType, mp_flow_event as FlowEvent,
-    mp_identity_limits as IdentityLimits, mp_identity_name as IdentityName,
+    mp_host_key as HostKey, mp_identity_limits as IdentityLimits, mp_identity_name as IdentityName,
     mp_identity_reserved as IdentityReserved, mp_lpm_key as LpmKey, mp_point as PointId,
     mp_policy_key as PolicyKey, mp_policy_value as PolicyValue, mp_policy_word as PolicyWord,
     mp_proto as Proto, mp_settings as Settings, mp_shape_bits as ShapeBits,
@@ -42,6 +42,8 @@ unsafe impl plain::Plain for SockState {}
 unsafe impl plain::Plain for Settings {}
 // SAFETY: see above.
 unsafe impl plain::Plain for LpmKey {}
+// SAFETY: see above.
+unsafe impl plain::Plain for HostKey {}
 // SAFETY: see above.
 unsafe impl plain::Plain for PolicyKey {}
 // SAFETY: see above.

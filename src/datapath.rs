@@ -62,6 +62,8 @@ pub(crate) const KNOWN_MAPS: &[&str] = &[
     "meshpath_counters",
     "meshpath_endpoints_0",
     "meshpath_endpoints_1",
+    "meshpath_hosts_0",
+    "meshpath_hosts_1",
     "meshpath_policy_0",
     "meshpath_policy_1",
     "meshpath_policy_shapes",
@@ -101,8 +103,9 @@ pub struct DatapathOptions {
     /// reads) to plain TCP, where this kernel serves them faster (default
     /// true; see ARCHITECTURE.md, "Busy-polling receivers").
     pub busy_poll_detect: bool,
-    /// Capacity of the endpoint maps (addresses and prefixes) and of the
-    /// identity names map. Default 16,384.
+    /// Capacity of each endpoint map (single addresses and prefixes are
+    /// kept apart, each up to this many) and of the identity names map.
+    /// Default 16,384.
     pub max_endpoints: u32,
     /// Capacity of the policy maps (one entry per rule and port).
     /// Default 16,384.
@@ -290,9 +293,11 @@ impl DatapathOptions {
     fn max_entries_for(&self, map: &str) -> Option<u32> {
         match map {
             "meshpath_sockets" | "meshpath_sock_index" => Some(self.max_sockets),
-            "meshpath_endpoints_0" | "meshpath_endpoints_1" | "meshpath_identities" => {
-                Some(self.max_endpoints)
-            }
+            "meshpath_endpoints_0"
+            | "meshpath_endpoints_1"
+            | "meshpath_hosts_0"
+            | "meshpath_hosts_1"
+            | "meshpath_identities" => Some(self.max_endpoints),
             "meshpath_policy_0" | "meshpath_policy_1" => Some(self.max_policies),
             "meshpath_verdict_cache" => Some(self.max_verdict_cache),
             "meshpath_events" => Some(self.event_ring_bytes),
@@ -1208,9 +1213,19 @@ fn check_pinned(
     Ok(())
 }
 
+/// Layout versions of pinned state this build adopts besides its own,
+/// and migrates with its first policy change: version 2 kept
+/// single-address endpoints in the tries, where this build's programs
+/// still look when an address is not in the host hash, and its other
+/// layouts are this build's.
+const MIGRATED_ABI_VERSIONS: &[u32] = &[2];
+
 fn check_pinned_version(path: &Path, maps: &MapSet) -> Result<()> {
     let s = read_settings(maps)?;
-    if s.abi_version != 0 && s.abi_version != ABI_VERSION {
+    if s.abi_version != 0
+        && s.abi_version != ABI_VERSION
+        && !MIGRATED_ABI_VERSIONS.contains(&s.abi_version)
+    {
         return Err(Error::Pinned {
             path: path.to_path_buf(),
             reason: format!(

@@ -202,6 +202,11 @@ fn lpm_key_layout() {
 }
 
 #[test]
+fn host_key_layout() {
+    check("mp_host_key", rust_layout!(meshpath::abi::HostKey, [addr]));
+}
+
+#[test]
 fn endpoint_layout() {
     check(
         "mp_endpoint",

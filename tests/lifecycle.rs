@@ -338,3 +338,174 @@ fn pinned_attachments_keep_enforcing_with_no_agent_and_are_adopted() {
         "nothing left attached: {shown}"
     );
 }
+
+/// The pinned map `name` in `dir`, opened.
+fn pinned_map(dir: &std::path::Path, name: &str) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    let c = std::ffi::CString::new(dir.join(name).to_string_lossy().as_bytes()).unwrap();
+    // SAFETY: a valid C string.
+    let fd = unsafe { libbpf_sys::bpf_obj_get(c.as_ptr()) };
+    assert!(fd >= 0, "bpf_obj_get {name}: {fd}");
+    // SAFETY: a fresh fd nothing else owns.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+}
+
+/// Writes `v` at `k` in map `fd` (sizes are the test's to get right).
+fn raw_update<K, V>(fd: &std::os::fd::OwnedFd, k: &K, v: &V) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: pointers to live values of the map's key and value sizes.
+    let r = unsafe {
+        libbpf_sys::bpf_map_update_elem(
+            fd.as_raw_fd(),
+            (k as *const K).cast(),
+            (v as *const V).cast(),
+            0,
+        )
+    };
+    assert_eq!(r, 0, "bpf_map_update_elem");
+}
+
+/// Sets the layout version recorded in pinned settings.
+fn set_pinned_abi_version(dir: &std::path::Path, version: u32) {
+    use std::os::fd::AsRawFd;
+    let fd = pinned_map(dir, "meshpath_settings");
+    let mut s = meshpath::abi::Settings::default();
+    // SAFETY: key 0 and a value buffer of the settings' size.
+    let r = unsafe {
+        libbpf_sys::bpf_map_lookup_elem(
+            fd.as_raw_fd(),
+            (&0u32 as *const u32).cast(),
+            (&mut s as *mut meshpath::abi::Settings).cast(),
+        )
+    };
+    assert_eq!(r, 0);
+    s.abi_version = version;
+    raw_update(&fd, &0u32, &s);
+}
+
+/// A 60-byte Ethernet frame, IPv4 UDP 198.18.0.1:40000 -> 198.18.0.2:`dport`.
+fn udp_frame(dport: u16) -> Vec<u8> {
+    let mut f = vec![0u8; 60];
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    f[14] = 0x45;
+    f[16..18].copy_from_slice(&46u16.to_be_bytes());
+    f[22] = 64;
+    f[23] = 17;
+    f[26..30].copy_from_slice(&[198, 18, 0, 1]);
+    f[30..34].copy_from_slice(&[198, 18, 0, 2]);
+    f[34..36].copy_from_slice(&40000u16.to_be_bytes());
+    f[36..38].copy_from_slice(&dport.to_be_bytes());
+    f[38..40].copy_from_slice(&26u16.to_be_bytes());
+    f
+}
+
+#[test]
+fn a_pin_of_the_previous_layout_is_migrated_and_an_unknown_one_refused() {
+    use meshpath::policy::{DefaultAction, Endpoint, PolicyState, Rule};
+    const XDP_DROP: u32 = 1;
+    const XDP_PASS: u32 = 2;
+    const A: &str = "spiffe://mesh.local/ns/test/sa/a";
+    const B: &str = "spiffe://mesh.local/ns/test/sa/b";
+    require_root();
+    meshpath::bpffs::ensure_default_mount().unwrap();
+    let pins = PinDir::new("migrate");
+    let opts = DatapathOptions::default()
+        .pin_dir(&pins.0)
+        .probe_quirks(false);
+    // 198.18.0.1 is A, 198.18.0.2 is B; A may send UDP 53 to B. A wildcard
+    // rule lets anyone (the world included) reach B on UDP 9, except A:
+    // an address misjudged as the world would pass on 9.
+    let state = PolicyState {
+        default_action: DefaultAction::Deny,
+        endpoints: vec![
+            Endpoint::new("198.18.0.1", A).unwrap(),
+            Endpoint::new("198.18.0.2", B).unwrap(),
+        ],
+        policies: vec![
+            Rule::new(A, B, "udp", &[53], "allow").unwrap(),
+            Rule::new("*", B, "udp", &[9], "allow").unwrap(),
+            Rule::new(A, B, "udp", &[9], "deny").unwrap(),
+        ],
+    };
+    let judged = |dp: &Datapath| {
+        (
+            dp.test_run_xdp(&udp_frame(53)).unwrap(),
+            dp.test_run_xdp(&udp_frame(9)).unwrap(),
+        )
+    };
+    let dp1 = Datapath::load(&opts).unwrap();
+    dp1.replace_policy(&state).unwrap();
+    assert_eq!(judged(&dp1), (XDP_PASS, XDP_DROP));
+    drop(dp1);
+
+    // Make the pins what version 2 left: single addresses in the live
+    // epoch's trie (both epochs here), the host hashes empty, version 2.
+    for epoch in 0..2 {
+        let hosts = pinned_map(&pins.0, &format!("meshpath_hosts_{epoch}"));
+        let tries = pinned_map(&pins.0, &format!("meshpath_endpoints_{epoch}"));
+        for (last, id) in [(1u8, A), (2, B)] {
+            let addr = meshpath::abi::HostKey {
+                addr: [
+                    0,
+                    0,
+                    u32::from_ne_bytes([0, 0, 0xff, 0xff]),
+                    u32::from_ne_bytes([198, 18, 0, last]),
+                ],
+            };
+            let v = meshpath::abi::EndpointValue {
+                identity: meshpath::policy::derive_number(id),
+                node: 0,
+            };
+            let k = meshpath::abi::LpmKey {
+                prefixlen: 128,
+                addr: addr.addr,
+            };
+            raw_update(&tries, &k, &v);
+            use std::os::fd::AsRawFd;
+            // SAFETY: a pointer to a key of the map's key size.
+            let r = unsafe {
+                libbpf_sys::bpf_map_delete_elem(
+                    hosts.as_raw_fd(),
+                    (&addr as *const meshpath::abi::HostKey).cast(),
+                )
+            };
+            assert_eq!(r, 0, "the host entry was there");
+        }
+    }
+    set_pinned_abi_version(&pins.0, 2);
+
+    // Adopted: judged right before any change (the trie still answers),
+    // and after the first change moved the addresses to the host hash.
+    let dp2 = Datapath::load(&opts).expect("a version 2 pin is adopted");
+    assert!(dp2.adopted_pins());
+    // (The verdict cache would answer from dp1's judgements of the same
+    // policy generation: judged in full here.)
+    dp2.set_verdict_cache(false).unwrap();
+    assert_eq!(judged(&dp2), (XDP_PASS, XDP_DROP), "adopted as it was");
+    dp2.set_verdict_cache(true).unwrap();
+    // The first change moves the two addresses in the copy it makes live
+    // (written to the hash, removed from the trie), then in the other one;
+    // the next finds both copies migrated.
+    let change = dp2.replace_policy(&state).unwrap();
+    assert_eq!(
+        (change.endpoints_written, change.endpoints_removed),
+        (2, 2),
+        "{change:?}"
+    );
+    assert_eq!(judged(&dp2), (XDP_PASS, XDP_DROP), "migrated");
+    let again = dp2.replace_policy(&state).unwrap();
+    assert_eq!(
+        (again.endpoints_written, again.endpoints_removed),
+        (0, 0),
+        "{again:?}"
+    );
+    assert_eq!(judged(&dp2), (XDP_PASS, XDP_DROP), "the other copy too");
+    drop(dp2);
+
+    // An unknown version is refused, naming it, and left alone.
+    set_pinned_abi_version(&pins.0, 99);
+    match Datapath::load(&opts) {
+        Err(Error::Pinned { reason, .. }) => assert!(reason.contains("99"), "{reason}"),
+        other => panic!("expected a refused pin, got {:?}", other.map(|_| ())),
+    }
+}

@@ -24,10 +24,13 @@
 #include <linux/types.h>
 #endif
 
-/* Bumped when any map layout below changes; pinned state carries it
- * (mp_settings.abi_version).  An enum, not a #define, so it reaches BTF. */
+/* Bumped when any map layout or meaning below changes; pinned state
+ * carries it (mp_settings.abi_version).  An enum, not a #define, so it
+ * reaches BTF.  3: single-address endpoints live in meshpath_hosts_{0,1}
+ * (2 kept them in the tries, which 3's programs still consult, so a
+ * version 2 pin is adopted and migrated by the first policy change). */
 enum mp_abi {
-	MP_ABI_VERSION = 2,
+	MP_ABI_VERSION = 3,
 };
 
 /* ---------------------------------------------------------------------
@@ -291,8 +294,15 @@ struct mp_identity_name {
 	__u8 name[252]; /* MP_IDENTITY_NAME_MAX, not NUL-terminated */
 };
 
+/* Key of meshpath_hosts_{0,1} (HASH): one whole address, the endpoints
+ * that are not prefixes (/32, /128). */
+struct mp_host_key {
+	__u32 addr[4]; /* network byte order, v4-mapped for IPv4 */
+};
+
 /* Value of meshpath_endpoints_{0,1} (LPM_TRIE keyed by struct
- * mp_lpm_key): the identity of the addresses under the prefix. */
+ * mp_lpm_key) and of meshpath_hosts_{0,1}: the identity of the addresses
+ * under the prefix. */
 struct mp_endpoint {
 	__u32 identity;
 	__u32 node; /* the node it runs on (src/policy: node_number), 0: this

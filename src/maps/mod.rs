@@ -236,6 +236,36 @@ impl<'a, K: Plain, V: Plain> TypedMap<'a, K, V> {
         })
     }
 
+    /// Makes the map hold exactly `want` given that it holds `have` (both
+    /// in the library's own form): writes what differs or is new, deletes
+    /// what is gone. Returns (written, removed).
+    pub(crate) fn sync<MK: Ord, MV: PartialEq>(
+        &self,
+        have: &BTreeMap<MK, MV>,
+        want: &BTreeMap<MK, MV>,
+        raw: impl Fn(&MK, &MV) -> (K, V),
+        raw_key: impl Fn(&MK) -> K,
+        what: impl Fn(&K, &V) -> String,
+    ) -> Result<(usize, usize)>
+    where
+        K: Copy,
+        V: Copy,
+    {
+        let writes: Vec<(K, V)> = want
+            .iter()
+            .filter(|(k, v)| have.get(k) != Some(v))
+            .map(|(k, v)| raw(k, v))
+            .collect();
+        self.update_many(&writes, what)?;
+        let removals: Vec<K> = have
+            .keys()
+            .filter(|k| !want.contains_key(k))
+            .map(raw_key)
+            .collect();
+        self.delete_many(&removals)?;
+        Ok((writes.len(), removals.len()))
+    }
+
     pub(crate) fn keys(&self) -> Result<Vec<K>>
     where
         K: Default + Copy,

@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 pub use identity::{derive_number, Identity, IdentityMap, SpiffeId};
 pub use model::{Action, DefaultAction, Endpoint, NodeName, Peer, PolicyState, Protocol, Rule};
 
-use crate::abi::{self, EndpointValue, IdentityName, LpmKey, PolicyKey, PolicyValue};
+use crate::abi::{self, EndpointValue, HostKey, IdentityName, LpmKey, PolicyKey, PolicyValue};
 use crate::datapath::{read_settings, Datapath};
 use crate::error::{Error, Result};
 use crate::maps::MapSet;
@@ -40,9 +40,23 @@ pub(crate) struct PolicySlot {
 /// written: the next change diffs against them instead of reading the
 /// maps back. `None` (at load, pinned maps adopted included, and after a
 /// write that failed part-way): read the maps.
-type Known = Option<(EndpointEntries, RuleEntries)>;
+type Known = Option<CopyEntries>;
+
+#[derive(Debug)]
+struct CopyEntries {
+    /// The endpoint trie: prefixes.
+    prefixes: EndpointEntries,
+    /// The host hash: single addresses, keyed (HOST_PREFIX, address).
+    hosts: EndpointEntries,
+    rules: RuleEntries,
+}
+
+/// (prefix length over 128 bits, address words) -> (identity, node).
 type EndpointEntries = BTreeMap<(u32, [u32; 4]), (u32, u32)>;
 type RuleEntries = BTreeMap<[u8; 12], (u8, u32)>;
+
+/// The prefix length of a single address (v4-mapped IPv4 included).
+const HOST_PREFIX: u32 = 128;
 
 /// What a policy change did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -400,78 +414,99 @@ fn rcu_grace_period() {
     }
 }
 
+/// The maps of each copy: (endpoint prefixes, host addresses, rules).
+const COPY_MAPS: [(&str, &str, &str); 2] = [
+    (
+        "meshpath_endpoints_0",
+        "meshpath_hosts_0",
+        "meshpath_policy_0",
+    ),
+    (
+        "meshpath_endpoints_1",
+        "meshpath_hosts_1",
+        "meshpath_policy_1",
+    ),
+];
+
 /// Makes epoch `epoch`'s maps hold exactly `c`: writes the difference
 /// between `c` and what they hold (`known`, or else read back from the
 /// kernel), in batches (a 100,000-entry map is a few dozen syscalls).
-/// Used on the idle copy, so partial failure affects no decision; it
-/// leaves `known` empty, so the next change reads the maps.
+/// Single addresses go to the host hash, prefixes to the trie. Used on
+/// the idle copy, so partial failure affects no decision; it leaves
+/// `known` empty, so the next change reads the maps.
 fn sync_epoch(maps: &MapSet, epoch: u32, c: &Compiled, known: &mut Known) -> Result<PolicyChange> {
-    let mut change = PolicyChange::default();
-    let (ep_name, pol_name) = if epoch == 0 {
-        ("meshpath_endpoints_0", "meshpath_policy_0")
-    } else {
-        ("meshpath_endpoints_1", "meshpath_policy_1")
-    };
-    let eps = maps.typed::<LpmKey, EndpointValue>(ep_name)?;
+    let (lpm_name, hosts_name, pol_name) = COPY_MAPS[epoch as usize & 1];
+    let lpm = maps.typed::<LpmKey, EndpointValue>(lpm_name)?;
+    let hosts = maps.typed::<HostKey, EndpointValue>(hosts_name)?;
     let pol = maps.typed::<PolicyKey, PolicyValue>(pol_name)?;
-    let (have, have_rules) = match known.take() {
+    let have = match known.take() {
         Some(k) => k,
-        None => (
-            eps.entries()?
+        None => CopyEntries {
+            prefixes: lpm
+                .entries()?
                 .into_iter()
                 .map(|(k, v)| ((k.prefixlen, k.addr), (v.identity, v.node)))
                 .collect(),
-            pol.entries()?
+            hosts: hosts
+                .entries()?
+                .into_iter()
+                .map(|(k, v)| ((HOST_PREFIX, k.addr), (v.identity, v.node)))
+                .collect(),
+            rules: pol
+                .entries()?
                 .into_iter()
                 .map(|(k, v)| (model::bytes_of_key(&k), (v.action, v.rule)))
                 .collect(),
-        ),
+        },
     };
-    let writes: Vec<(LpmKey, EndpointValue)> = c
+    let (want_hosts, want_prefixes): (EndpointEntries, EndpointEntries) = c
         .endpoints
         .iter()
-        .filter(|(k, v)| have.get(k) != Some(v))
-        .map(|(&(prefixlen, addr), &(identity, node))| {
-            (LpmKey { prefixlen, addr }, EndpointValue { identity, node })
-        })
-        .collect();
-    eps.update_many(&writes, |k, _| {
-        format!("endpoint {}/{}", abi::words_to_ip(k.addr), k.prefixlen)
-    })?;
-    change.endpoints_written = writes.len();
-    let removals: Vec<LpmKey> = have
-        .keys()
-        .filter(|k| !c.endpoints.contains_key(k))
-        .map(|&(prefixlen, addr)| LpmKey { prefixlen, addr })
-        .collect();
-    eps.delete_many(&removals)?;
-    change.endpoints_removed = removals.len();
-
-    let have = have_rules;
-    let writes: Vec<(PolicyKey, PolicyValue)> = c
-        .rules
-        .iter()
-        .filter(|(k, v)| have.get(*k) != Some(v))
-        .map(|(k, &(action, rule))| {
+        .map(|(k, v)| (*k, *v))
+        .partition(|((plen, _), _)| *plen == HOST_PREFIX);
+    let value = |&(identity, node): &(u32, u32)| EndpointValue { identity, node };
+    let what = |addr: [u32; 4], plen: u32| format!("endpoint {}/{plen}", abi::words_to_ip(addr));
+    let (hw, hr) = hosts.sync(
+        &have.hosts,
+        &want_hosts,
+        |&(_, addr), v| (HostKey { addr }, value(v)),
+        |&(_, addr)| HostKey { addr },
+        |k, _| what(k.addr, HOST_PREFIX),
+    )?;
+    let lpm_key = |&(prefixlen, addr): &(u32, [u32; 4])| LpmKey { prefixlen, addr };
+    let (pw, pr) = lpm.sync(
+        &have.prefixes,
+        &want_prefixes,
+        |k, v| (lpm_key(k), value(v)),
+        lpm_key,
+        |k, _| what(k.addr, k.prefixlen),
+    )?;
+    let (rw, rr) = pol.sync(
+        &have.rules,
+        &c.rules,
+        |k, &(action, rule)| {
             let v = PolicyValue {
                 action,
                 pad: [0; 3],
                 rule,
             };
             (model::key_of_bytes(k), v)
-        })
-        .collect();
-    pol.update_many(&writes, |_, v| format!("policy rule {}", v.rule))?;
-    change.rules_written = writes.len();
-    let removals: Vec<PolicyKey> = have
-        .keys()
-        .filter(|k| !c.rules.contains_key(*k))
-        .map(model::key_of_bytes)
-        .collect();
-    pol.delete_many(&removals)?;
-    change.rules_removed = removals.len();
+        },
+        model::key_of_bytes,
+        |_, v| format!("policy rule {}", v.rule),
+    )?;
     maps.typed::<u32, u32>("meshpath_policy_shapes")?
         .update(&epoch, &c.shapes, || "policy shapes".into())?;
-    *known = Some((c.endpoints.clone(), c.rules.clone()));
-    Ok(change)
+    *known = Some(CopyEntries {
+        prefixes: want_prefixes,
+        hosts: want_hosts,
+        rules: c.rules.clone(),
+    });
+    Ok(PolicyChange {
+        endpoints_written: hw + pw,
+        endpoints_removed: hr + pr,
+        rules_written: rw,
+        rules_removed: rr,
+        ..PolicyChange::default()
+    })
 }
