@@ -101,20 +101,11 @@ fn run() -> Result<()> {
     criterion_xdp(&mut c, &b)?;
     criterion_deliver(&mut c, &b)?;
     c.final_summary();
-    if run_summary() {
+    if harness::summary_requested() {
         let s = summary(&b, &mut rtt)?;
         s.print();
     }
     Ok(())
-}
-
-/// Whether the summary runs: no filter, or one that mentions it.
-fn run_summary() -> bool {
-    let filters: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    filters.is_empty() || filters.iter().any(|f| f.contains("summary"))
 }
 
 /// Everything the measurements share. Fields drop in order: listeners,

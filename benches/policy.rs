@@ -567,19 +567,10 @@ fn run() -> Result<()> {
     criterion_connect(&mut c, &b)?;
     criterion_apply(&mut c, &b)?;
     c.final_summary();
-    if run_summary() {
+    if harness::summary_requested() {
         summary(&b)?.print(&b);
     }
     Ok(())
-}
-
-/// Whether the summary runs: no filter, or one that mentions it.
-fn run_summary() -> bool {
-    let filters: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    filters.is_empty() || filters.iter().any(|f| f.contains("summary"))
 }
 
 /// Runs `f` in criterion's `iter_custom`, stopping at the first error

@@ -200,6 +200,29 @@ fn entries_one_by_one<K: Plain + Default + Copy, V: Plain + Default + Copy>(
     Ok(out)
 }
 
+/// Runs a batch command over `len` elements, `BATCH` at a time: `op(start,
+/// end, count)` issues it for elements `start..end` and returns libbpf's
+/// code, with `count` set to how many it processed. Where the kernel has
+/// no such command for the map (the first call says so), `one_by_one`
+/// does the whole job instead. On error: the failing element's index.
+fn in_batches(
+    len: usize,
+    mut op: impl FnMut(usize, usize, &mut u32) -> i32,
+    one_by_one: impl FnOnce() -> Result<(), (usize, io::Error)>,
+) -> Result<(), (usize, io::Error)> {
+    let mut done = 0;
+    while done < len {
+        let end = (done + BATCH).min(len);
+        let mut count = (end - done) as u32;
+        match ret(op(done, end, &mut count)) {
+            Ok(()) => done = end,
+            Err(e) if done == 0 && count == 0 && batch_unsupported(&e) => return one_by_one(),
+            Err(e) => return Err((done + count as usize, e)),
+        }
+    }
+    Ok(())
+}
+
 /// Inserts or replaces every element, in order, with BPF_MAP_UPDATE_BATCH
 /// where the kernel has it (one by one otherwise). On error, says which
 /// element failed (its index) and why; the ones before it are written.
@@ -210,33 +233,28 @@ pub(crate) fn update_many<K: Plain, V: Plain>(
 ) -> Result<(), (usize, io::Error)> {
     assert_eq!(keys.len(), values.len(), "one value per key");
     let opts = batch_opts(u64::from(libbpf_sys::BPF_ANY));
-    let mut done = 0;
-    while done < keys.len() {
-        let end = (done + BATCH).min(keys.len());
-        let mut count = (end - done) as u32;
-        // SAFETY: `count` keys and values of the map's sizes follow the
-        // pointers; the kernel only reads them.
-        let r = unsafe {
-            libbpf_sys::bpf_map_update_batch(
-                fd.as_raw_fd(),
-                keys[done..end].as_ptr().cast(),
-                values[done..end].as_ptr().cast(),
-                &mut count,
-                &opts,
-            )
-        };
-        match ret(r) {
-            Ok(()) => done = end,
-            Err(e) if done == 0 && count == 0 && batch_unsupported(&e) => {
-                for (i, (k, v)) in keys.iter().zip(values).enumerate() {
-                    update(fd, k, v, u64::from(libbpf_sys::BPF_ANY)).map_err(|e| (i, e))?;
-                }
-                return Ok(());
+    in_batches(
+        keys.len(),
+        |start, end, count| {
+            // SAFETY: `count` (= end - start) keys and values of the map's
+            // sizes follow the pointers; the kernel only reads them.
+            unsafe {
+                libbpf_sys::bpf_map_update_batch(
+                    fd.as_raw_fd(),
+                    keys[start..end].as_ptr().cast(),
+                    values[start..end].as_ptr().cast(),
+                    count,
+                    &opts,
+                )
             }
-            Err(e) => return Err((done + count as usize, e)),
-        }
-    }
-    Ok(())
+        },
+        || {
+            for (i, (k, v)) in keys.iter().zip(values).enumerate() {
+                update(fd, k, v, u64::from(libbpf_sys::BPF_ANY)).map_err(|e| (i, e))?;
+            }
+            Ok(())
+        },
+    )
 }
 
 /// Deletes every key, with BPF_MAP_DELETE_BATCH where the kernel has it
@@ -244,31 +262,28 @@ pub(crate) fn update_many<K: Plain, V: Plain>(
 /// a batch: callers delete keys they have just read.
 pub(crate) fn delete_many<K: Plain>(fd: BorrowedFd<'_>, keys: &[K]) -> io::Result<()> {
     let opts = batch_opts(0);
-    let mut done = 0;
-    while done < keys.len() {
-        let end = (done + BATCH).min(keys.len());
-        let mut count = (end - done) as u32;
-        // SAFETY: `count` keys of the map's key size follow the pointer.
-        let r = unsafe {
-            libbpf_sys::bpf_map_delete_batch(
-                fd.as_raw_fd(),
-                keys[done..end].as_ptr().cast(),
-                &mut count,
-                &opts,
-            )
-        };
-        match ret(r) {
-            Ok(()) => done = end,
-            Err(e) if done == 0 && count == 0 && batch_unsupported(&e) => {
-                for k in keys {
-                    delete(fd, k)?;
-                }
-                return Ok(());
+    in_batches(
+        keys.len(),
+        |start, end, count| {
+            // SAFETY: `count` (= end - start) keys of the map's key size
+            // follow the pointer.
+            unsafe {
+                libbpf_sys::bpf_map_delete_batch(
+                    fd.as_raw_fd(),
+                    keys[start..end].as_ptr().cast(),
+                    count,
+                    &opts,
+                )
             }
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+        },
+        || {
+            for (i, k) in keys.iter().enumerate() {
+                delete(fd, k).map_err(|e| (i, e))?;
+            }
+            Ok(())
+        },
+    )
+    .map_err(|(_, e)| e)
 }
 
 /// Basic facts about a map, read from the kernel.

@@ -104,6 +104,23 @@ fn an_auth_flow_is_held_until_authenticated_then_flows() {
         Point::Connect,
         "asked at connect, before any packet"
     );
+    // A real agent takes milliseconds to authenticate; this one would
+    // answer before the SYN leaves if it did not wait for the datapath to
+    // hold it (dropped at egress, auth required).
+    let waiting = Instant::now();
+    while env
+        .dp
+        .verdicts()
+        .unwrap()
+        .get(Point::Egress, Verdict::AuthRequired)
+        == 0
+    {
+        assert!(
+            waiting.elapsed() < Duration::from_secs(3),
+            "the SYN was never held"
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
     let until = SystemTime::now() + Duration::from_secs(60);
     env.dp.auth_insert(client_key(), until).unwrap();
     env.dp.auth_insert(server_key(), until).unwrap();

@@ -124,6 +124,16 @@ pub fn size_label(n: usize) -> String {
     }
 }
 
+/// Whether a bench's closing summary runs: no criterion filter was given,
+/// or one that mentions "summary".
+pub fn summary_requested() -> bool {
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    filters.is_empty() || filters.iter().any(|f| f.contains("summary"))
+}
+
 /// Fails with a clear message unless running as root.
 pub fn require_root(what: &str) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
