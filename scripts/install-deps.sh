@@ -8,6 +8,11 @@ pkgs=(clang llvm clang-format libelf-dev zlib1g-dev pkg-config bpftool iproute2 
 if [ "${MESHPATH_DEBUG_TOOLS:-0}" = 1 ]; then
   pkgs+=(linux-perf bpftrace)
 fi
+# A real proxy for the benchmarks' sidecar comparison (the haproxy path of
+# benches/loopback.rs and examples/summary.rs); not needed to build or test.
+if [ "${MESHPATH_BENCH_TOOLS:-0}" = 1 ]; then
+  pkgs+=(haproxy)
+fi
 
 missing=()
 for p in "${pkgs[@]}"; do
