@@ -293,7 +293,7 @@ impl Datapath {
         Ok(self
             .maps()
             .typed::<abi::VcacheKey, abi::VcacheValue>("meshpath_verdict_cache")?
-            .keys()?
+            .entries()?
             .len())
     }
 
