@@ -7,7 +7,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
@@ -23,28 +22,14 @@ fn number(name: &str) -> u32 {
 
 /// A TCP socket bound to `src`; create it inside the cgroup.
 fn bound(src: &str) -> TcpStream {
-    use nix::sys::socket::*;
-    let fd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .unwrap();
-    bind(
-        fd.as_raw_fd(),
-        &SockaddrStorage::from(SocketAddr::new(src.parse().unwrap(), 0)),
-    )
-    .unwrap();
-    let s = TcpStream::from(fd);
+    let s = bound_tcp(src).unwrap();
     // SO_SNDTIMEO bounds connect() too: a held SYN is retried for minutes.
     s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
     s
 }
 
 fn connect(s: TcpStream, dst: SocketAddr) -> std::io::Result<TcpStream> {
-    nix::sys::socket::connect(s.as_raw_fd(), &nix::sys::socket::SockaddrStorage::from(dst))?;
-    Ok(s)
+    connect_tcp(s, dst)
 }
 
 fn connect_from(src: &str, dst: SocketAddr) -> std::io::Result<TcpStream> {

@@ -147,14 +147,8 @@ const CHURN_CLIENTS: [&str; 4] = ["127.0.0.41", "127.0.0.44", "127.0.0.45", "127
 /// A TCP connection from `src` (bound, port 0) to `dst`. A SYN that is
 /// dropped gives up after about 3 s (TCP_SYNCNT 1) instead of hanging.
 fn connect_bound(src: &str, dst: std::net::SocketAddr) -> std::io::Result<TcpStream> {
-    use nix::sys::socket::*;
     use std::os::fd::AsRawFd;
-    let fd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
+    let fd = bound_tcp(src)?;
     let one: libc::c_int = 1;
     // SAFETY: a valid socket and a c_int option of the right size.
     let r = unsafe {
@@ -169,10 +163,7 @@ fn connect_bound(src: &str, dst: std::net::SocketAddr) -> std::io::Result<TcpStr
     if r != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    let src = std::net::SocketAddr::new(src.parse().unwrap(), 0);
-    bind(fd.as_raw_fd(), &SockaddrStorage::from(src))?;
-    connect(fd.as_raw_fd(), &SockaddrStorage::from(dst)).map_err(std::io::Error::from)?;
-    let s = TcpStream::from(fd);
+    let s = connect_tcp(fd, dst)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     s.set_write_timeout(Some(Duration::from_secs(10)))?;
     Ok(s)

@@ -5,7 +5,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -19,18 +18,7 @@ const DB: &str = "spiffe://mesh.local/ns/db/sa/postgres";
 const CACHE: &str = "spiffe://mesh.local/ns/shop/sa/cache";
 
 fn connect_from(src: &str, dst: SocketAddr) -> std::io::Result<TcpStream> {
-    use nix::sys::socket::*;
-    let fd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
-    let src = SocketAddr::new(src.parse().unwrap(), 0);
-    bind(fd.as_raw_fd(), &SockaddrStorage::from(src))?;
-    let s = TcpStream::from(fd);
-    connect(s.as_raw_fd(), &SockaddrStorage::from(dst))?;
-    Ok(s)
+    connect_tcp(bound_tcp(src)?, dst)
 }
 
 /// Every event within `quiet` of the last one.

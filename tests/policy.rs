@@ -5,7 +5,6 @@ mod common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -26,23 +25,10 @@ fn pods() -> Vec<Endpoint> {
 
 /// A TCP connection from `src` (bound, port 0) to `dst`.
 fn connect_from(src: &str, dst: SocketAddr) -> std::io::Result<TcpStream> {
-    use nix::sys::socket::*;
-    let family = if dst.is_ipv4() {
-        AddressFamily::Inet
-    } else {
-        AddressFamily::Inet6
-    };
-    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
-    let src = SocketAddr::new(src.parse().unwrap(), 0);
-    bind(fd.as_raw_fd(), &SockaddrStorage::from(src))?;
-    let s = TcpStream::from(fd);
-    s.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let s = bound_tcp(src)?;
     // connect with a timeout: a dropped SYN must not hang the test.
-    let c = nix::sys::socket::connect(s.as_raw_fd(), &SockaddrStorage::from(dst));
-    match c {
-        Ok(()) => Ok(s),
-        Err(e) => Err(std::io::Error::from(e)),
-    }
+    s.set_write_timeout(Some(Duration::from_secs(2)))?;
+    connect_tcp(s, dst)
 }
 
 /// Like `connect_from`, but gives up after `timeout` (the SYN may be

@@ -538,17 +538,7 @@ pub fn write_config(path: &Path, text: &str) {
 
 /// A TCP connection from `src` (bound, port 0) to `dst`.
 pub fn connect_from(src: &str, dst: SocketAddr) -> io::Result<TcpStream> {
-    use nix::sys::socket::{bind, socket, AddressFamily, SockFlag, SockType, SockaddrStorage};
-    let fd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
-    let src = SocketAddr::new(src.parse().expect("a source address"), 0);
-    bind(fd.as_raw_fd(), &SockaddrStorage::from(src))?;
-    let s = TcpStream::from(fd);
-    nix::sys::socket::connect(s.as_raw_fd(), &SockaddrStorage::from(dst))?;
+    let s = super::connect_tcp(super::bound_tcp(src)?, dst)?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     s.set_write_timeout(Some(Duration::from_secs(10)))?;

@@ -317,3 +317,27 @@ pub fn raise_nofile() {
     let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
     setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
 }
+
+/// A TCP socket bound to `src` (any port), not connected yet: a connection
+/// whose source address (and so identity) the test chooses. Its family
+/// follows `src`.
+pub fn bound_tcp(src: &str) -> std::io::Result<TcpStream> {
+    use nix::sys::socket::{bind, socket, AddressFamily, SockFlag, SockType, SockaddrStorage};
+    use std::os::fd::AsRawFd;
+    let src = SocketAddr::new(src.parse().expect("a source address"), 0);
+    let family = if src.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(src))?;
+    Ok(TcpStream::from(fd))
+}
+
+/// Connects a socket of [`bound_tcp`] to `dst`.
+pub fn connect_tcp(s: TcpStream, dst: SocketAddr) -> std::io::Result<TcpStream> {
+    use std::os::fd::AsRawFd;
+    nix::sys::socket::connect(s.as_raw_fd(), &nix::sys::socket::SockaddrStorage::from(dst))?;
+    Ok(s)
+}
