@@ -78,10 +78,7 @@ const STALL: Duration = Duration::from_secs(5);
 const ROUNDS: usize = 9;
 
 fn main() {
-    if let Err(e) = run() {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+    harness::exit_on_error(run());
 }
 
 fn run() -> Result<()> {
@@ -90,11 +87,7 @@ fn run() -> Result<()> {
     interrupt::install()?;
     let b = Bench::new()?;
     sys::pin_to(b.cpus.0).context("pinning the benchmark thread")?;
-    let mut c = Criterion::default()
-        .sample_size(10)
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_secs(1))
-        .configure_from_args();
+    let mut c = harness::short_criterion();
     let mut rtt = b.rtt_conns()?;
     criterion_rtt(&mut c, &b, &mut rtt)?;
     criterion_setup(&mut c, &b)?;

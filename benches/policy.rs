@@ -546,10 +546,7 @@ fn sock_v4(a: std::net::SocketAddr) -> Result<SocketAddrV4> {
 }
 
 fn main() {
-    if let Err(e) = run() {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+    harness::exit_on_error(run());
 }
 
 fn run() -> Result<()> {
@@ -558,11 +555,7 @@ fn run() -> Result<()> {
     interrupt::install()?;
     let b = Bench::new()?;
     sys::pin_to(b.cpus.0).context("pinning the benchmark thread")?;
-    let mut c = Criterion::default()
-        .sample_size(10)
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_secs(1))
-        .configure_from_args();
+    let mut c = harness::short_criterion();
     criterion_xdp(&mut c, &b)?;
     criterion_connect(&mut c, &b)?;
     criterion_apply(&mut c, &b)?;

@@ -124,6 +124,24 @@ pub fn size_label(n: usize) -> String {
     }
 }
 
+/// Prints a bench's error and exits 1 (its `main`).
+pub fn exit_on_error(r: Result<()>) {
+    if let Err(e) = r {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Criterion as the short benches (events, policy) use it: 10 samples,
+/// 0.3 s warm-up, 1 s of measurement, filters from the command line.
+pub fn short_criterion() -> criterion::Criterion {
+    criterion::Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1))
+        .configure_from_args()
+}
+
 /// Whether a bench's closing summary runs: no criterion filter was given,
 /// or one that mentions "summary".
 pub fn summary_requested() -> bool {
