@@ -1122,11 +1122,12 @@ fn the_verdict_cache_never_serves_a_stale_or_auth_verdict() {
         remote: meshpath::policy::derive_number(CLIENT),
         remote_node: 0,
     };
-    let until = std::time::SystemTime::now() + Duration::from_millis(400);
+    let lifetime = Duration::from_millis(1500);
+    let until = std::time::SystemTime::now() + lifetime;
     dp.auth_insert(key, until).unwrap();
     assert_eq!(dp.test_run_xdp(&auth).unwrap(), XDP_PASS);
     assert_eq!(dp.test_run_xdp(&auth).unwrap(), XDP_PASS);
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(lifetime + Duration::from_millis(100));
     assert_eq!(dp.test_run_xdp(&auth).unwrap(), XDP_DROP, "expired");
     // A reply in an auth flow (server -> client): not cached either.
     let reply = v4_tcp(S4, AUTH_PORT, C4, EPHEMERAL, ACK);
