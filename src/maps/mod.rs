@@ -251,17 +251,10 @@ impl<'a, K: Plain, V: Plain> TypedMap<'a, K, V> {
         K: Copy,
         V: Copy,
     {
-        let writes: Vec<(K, V)> = want
-            .iter()
-            .filter(|(k, v)| have.get(k) != Some(v))
-            .map(|(k, v)| raw(k, v))
-            .collect();
+        let (changed, gone) = diff(have, want);
+        let writes: Vec<(K, V)> = changed.into_iter().map(|(k, v)| raw(k, v)).collect();
+        let removals: Vec<K> = gone.into_iter().map(raw_key).collect();
         self.update_many(&writes, what)?;
-        let removals: Vec<K> = have
-            .keys()
-            .filter(|k| !want.contains_key(k))
-            .map(raw_key)
-            .collect();
         self.delete_many(&removals)?;
         Ok((writes.len(), removals.len()))
     }
@@ -275,5 +268,57 @@ impl<'a, K: Plain, V: Plain> TypedMap<'a, K, V> {
             op: "listing keys",
             source,
         })
+    }
+}
+
+/// What makes `have` into `want`: the entries of `want` that are new or
+/// changed, and the keys of `have` that are gone. Both maps are sorted,
+/// so one walk through the two finds it.
+fn diff<'a, MK: Ord, MV: PartialEq>(
+    have: &'a BTreeMap<MK, MV>,
+    want: &'a BTreeMap<MK, MV>,
+) -> (Vec<(&'a MK, &'a MV)>, Vec<&'a MK>) {
+    use std::cmp::Ordering;
+    let (mut changed, mut gone) = (Vec::new(), Vec::new());
+    let (mut h, mut w) = (have.iter().peekable(), want.iter().peekable());
+    loop {
+        let order = match (h.peek(), w.peek()) {
+            (None, None) => break,
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some((hk, _)), Some((wk, _))) => hk.cmp(wk),
+        };
+        match order {
+            Ordering::Less => gone.extend(h.next().map(|(k, _)| k)),
+            Ordering::Greater => changed.extend(w.next()),
+            Ordering::Equal => {
+                if let (Some((_, hv)), Some((k, v))) = (h.next(), w.next()) {
+                    if hv != v {
+                        changed.push((k, v));
+                    }
+                }
+            }
+        }
+    }
+    (changed, gone)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::diff;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn diff_finds_new_changed_and_gone_entries() {
+        let have: BTreeMap<u32, char> = [(1, 'a'), (2, 'b'), (4, 'd'), (6, 'f')].into();
+        let want: BTreeMap<u32, char> = [(2, 'b'), (3, 'c'), (4, 'D'), (7, 'g')].into();
+        let (changed, gone) = diff(&have, &want);
+        assert_eq!(changed, vec![(&3, &'c'), (&4, &'D'), (&7, &'g')]);
+        assert_eq!(gone, vec![&1, &6]);
+        let (changed, gone) = diff(&want, &want);
+        assert!(changed.is_empty() && gone.is_empty());
+        let empty = BTreeMap::new();
+        assert_eq!(diff(&empty, &want).0.len(), 4);
+        assert_eq!(diff(&want, &empty).1.len(), 4);
     }
 }

@@ -14,6 +14,7 @@ pub mod identity;
 pub mod model;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 pub use identity::{derive_number, Identity, IdentityMap, SpiffeId};
 pub use model::{Action, DefaultAction, Endpoint, NodeName, Peer, PolicyState, Protocol, Rule};
@@ -42,13 +43,30 @@ pub(crate) struct PolicySlot {
 /// write that failed part-way): read the maps.
 type Known = Option<CopyEntries>;
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct CopyEntries {
     /// The endpoint trie: prefixes.
-    prefixes: EndpointEntries,
+    prefixes: Arc<EndpointEntries>,
     /// The host hash: single addresses, keyed (HOST_PREFIX, address).
-    hosts: EndpointEntries,
-    rules: RuleEntries,
+    hosts: Arc<EndpointEntries>,
+    rules: Arc<RuleEntries>,
+}
+
+impl CopyEntries {
+    /// What a copy holds for a compiled state. Shared (`Arc`) between
+    /// the two copies and what is known of them.
+    fn of(c: &Compiled) -> CopyEntries {
+        let (hosts, prefixes): (EndpointEntries, EndpointEntries) = c
+            .endpoints
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .partition(|((plen, _), _)| *plen == HOST_PREFIX);
+        CopyEntries {
+            prefixes: Arc::new(prefixes),
+            hosts: Arc::new(hosts),
+            rules: Arc::new(c.rules.clone()),
+        }
+    }
 }
 
 /// (prefix length over 128 bits, address words) -> (identity, node).
@@ -344,7 +362,9 @@ impl Datapath {
         let (gen, on, _, live) = abi::policy_word_parts(read_settings(maps)?.policy);
         // With policy off both copies may be stale: fill epoch 0's twin.
         let idle = if on { live ^ 1 } else { 1 };
-        let mut change = sync_epoch(maps, idle, &compiled, &mut slot.copies[idle as usize])?;
+        let want = CopyEntries::of(&compiled);
+        let shapes = compiled.shapes;
+        let mut change = sync_epoch(maps, idle, &want, shapes, &mut slot.copies[idle as usize])?;
         // Identity names: written before the state goes live (observers
         // name what they see), the ones no longer used removed after.
         let names = maps.typed::<u32, IdentityName>("meshpath_identities")?;
@@ -372,7 +392,7 @@ impl Datapath {
         // which the next change repairs (it diffs against what the kernel
         // holds).
         let other = &mut slot.copies[(idle ^ 1) as usize];
-        let _ = sync_epoch(maps, idle ^ 1, &compiled, other);
+        let _ = sync_epoch(maps, idle ^ 1, &want, shapes, other);
         let gone: Vec<u32> = have
             .keys()
             .copied()
@@ -428,13 +448,19 @@ const COPY_MAPS: [(&str, &str, &str); 2] = [
     ),
 ];
 
-/// Makes epoch `epoch`'s maps hold exactly `c`: writes the difference
-/// between `c` and what they hold (`known`, or else read back from the
-/// kernel), in batches (a 100,000-entry map is a few dozen syscalls).
-/// Single addresses go to the host hash, prefixes to the trie. Used on
-/// the idle copy, so partial failure affects no decision; it leaves
-/// `known` empty, so the next change reads the maps.
-fn sync_epoch(maps: &MapSet, epoch: u32, c: &Compiled, known: &mut Known) -> Result<PolicyChange> {
+/// Makes epoch `epoch`'s maps hold exactly `want` (and `shapes`): writes
+/// the difference between `want` and what they hold (`known`, or else
+/// read back from the kernel), in batches (a 100,000-entry map is a few
+/// dozen syscalls). Single addresses go to the host hash, prefixes to
+/// the trie. Used on the idle copy, so partial failure affects no
+/// decision; it leaves `known` empty, so the next change reads the maps.
+fn sync_epoch(
+    maps: &MapSet,
+    epoch: u32,
+    want: &CopyEntries,
+    shapes: u32,
+    known: &mut Known,
+) -> Result<PolicyChange> {
     let (lpm_name, hosts_name, pol_name) = COPY_MAPS[epoch as usize & 1];
     let lpm = maps.typed::<LpmKey, EndpointValue>(lpm_name)?;
     let hosts = maps.typed::<HostKey, EndpointValue>(hosts_name)?;
@@ -442,33 +468,32 @@ fn sync_epoch(maps: &MapSet, epoch: u32, c: &Compiled, known: &mut Known) -> Res
     let have = match known.take() {
         Some(k) => k,
         None => CopyEntries {
-            prefixes: lpm
-                .entries()?
-                .into_iter()
-                .map(|(k, v)| ((k.prefixlen, k.addr), (v.identity, v.node)))
-                .collect(),
-            hosts: hosts
-                .entries()?
-                .into_iter()
-                .map(|(k, v)| ((HOST_PREFIX, k.addr), (v.identity, v.node)))
-                .collect(),
-            rules: pol
-                .entries()?
-                .into_iter()
-                .map(|(k, v)| (model::bytes_of_key(&k), (v.action, v.rule)))
-                .collect(),
+            prefixes: Arc::new(
+                lpm.entries()?
+                    .into_iter()
+                    .map(|(k, v)| ((k.prefixlen, k.addr), (v.identity, v.node)))
+                    .collect(),
+            ),
+            hosts: Arc::new(
+                hosts
+                    .entries()?
+                    .into_iter()
+                    .map(|(k, v)| ((HOST_PREFIX, k.addr), (v.identity, v.node)))
+                    .collect(),
+            ),
+            rules: Arc::new(
+                pol.entries()?
+                    .into_iter()
+                    .map(|(k, v)| (model::bytes_of_key(&k), (v.action, v.rule)))
+                    .collect(),
+            ),
         },
     };
-    let (want_hosts, want_prefixes): (EndpointEntries, EndpointEntries) = c
-        .endpoints
-        .iter()
-        .map(|(k, v)| (*k, *v))
-        .partition(|((plen, _), _)| *plen == HOST_PREFIX);
     let value = |&(identity, node): &(u32, u32)| EndpointValue { identity, node };
     let what = |addr: [u32; 4], plen: u32| format!("endpoint {}/{plen}", abi::words_to_ip(addr));
     let (hw, hr) = hosts.sync(
         &have.hosts,
-        &want_hosts,
+        &want.hosts,
         |&(_, addr), v| (HostKey { addr }, value(v)),
         |&(_, addr)| HostKey { addr },
         |k, _| what(k.addr, HOST_PREFIX),
@@ -476,14 +501,14 @@ fn sync_epoch(maps: &MapSet, epoch: u32, c: &Compiled, known: &mut Known) -> Res
     let lpm_key = |&(prefixlen, addr): &(u32, [u32; 4])| LpmKey { prefixlen, addr };
     let (pw, pr) = lpm.sync(
         &have.prefixes,
-        &want_prefixes,
+        &want.prefixes,
         |k, v| (lpm_key(k), value(v)),
         lpm_key,
         |k, _| what(k.addr, k.prefixlen),
     )?;
     let (rw, rr) = pol.sync(
         &have.rules,
-        &c.rules,
+        &want.rules,
         |k, &(action, rule)| {
             let v = PolicyValue {
                 action,
@@ -496,12 +521,8 @@ fn sync_epoch(maps: &MapSet, epoch: u32, c: &Compiled, known: &mut Known) -> Res
         |_, v| format!("policy rule {}", v.rule),
     )?;
     maps.typed::<u32, u32>("meshpath_policy_shapes")?
-        .update(&epoch, &c.shapes, || "policy shapes".into())?;
-    *known = Some(CopyEntries {
-        prefixes: want_prefixes,
-        hosts: want_hosts,
-        rules: c.rules.clone(),
-    });
+        .update(&epoch, &shapes, || "policy shapes".into())?;
+    *known = Some(want.clone());
     Ok(PolicyChange {
         endpoints_written: hw + pw,
         endpoints_removed: hr + pr,

@@ -334,7 +334,6 @@ impl PolicyState {
             default_action: self.default_action,
             ..Default::default()
         };
-        let mut seen_prefix: BTreeMap<(u32, [u32; 4]), usize> = BTreeMap::new();
         for (i, ep) in self.endpoints.iter().enumerate() {
             let id = c
                 .identities
@@ -343,8 +342,19 @@ impl PolicyState {
             let key = (ep.ip.mapped_prefix_len(), abi::ip_to_words(ep.ip.addr()));
             let node = ep.node.as_ref().map_or(0, NodeName::number);
             let value = (id, node);
-            if let Some(j) = seen_prefix.insert(key, i) {
-                if c.endpoints.get(&key) != Some(&value) {
+            match c.endpoints.entry(key) {
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert(value);
+                }
+                // The same prefix twice is fine when it says the same.
+                std::collections::btree_map::Entry::Occupied(o) if *o.get() == value => {}
+                std::collections::btree_map::Entry::Occupied(_) => {
+                    let j = self.endpoints[..i]
+                        .iter()
+                        .position(|e| {
+                            (e.ip.mapped_prefix_len(), abi::ip_to_words(e.ip.addr())) == key
+                        })
+                        .unwrap_or(i);
                     return Err(Error::invalid(
                         format!("endpoints[{i}].ip"),
                         format!(
@@ -354,7 +364,6 @@ impl PolicyState {
                     ));
                 }
             }
-            c.endpoints.insert(key, value);
         }
         for (i, r) in self.policies.iter().enumerate() {
             let side = |p: &Peer, name: &str, c: &mut Compiled| -> Result<u32> {
@@ -514,6 +523,18 @@ mod tests {
         s.endpoints.push(Endpoint::new("127.0.0.2/32", DB).unwrap());
         let e = s.compile().unwrap_err().to_string();
         assert!(e.starts_with("invalid endpoints[2].ip"), "{e}");
+        assert!(e.contains("already endpoints[0]"), "{e}");
+        // The same address in its v4-mapped spelling is the same key.
+        let mut s = state();
+        s.endpoints
+            .push(Endpoint::new("::ffff:127.0.0.2", DB).unwrap());
+        let e = s.compile().unwrap_err().to_string();
+        assert!(e.starts_with("invalid endpoints[2].ip"), "{e}");
+        assert!(e.contains("already endpoints[0]"), "{e}");
+        // Saying the same thing twice is not an error.
+        let mut s = state();
+        s.endpoints.push(s.endpoints[0].clone());
+        assert_eq!(s.compile().unwrap().endpoints.len(), 2);
     }
 
     #[test]
