@@ -99,15 +99,8 @@ fn ten_thousand_connections_leave_no_stale_entries() {
     });
     env.wait_empty(Duration::from_secs(20));
     let d = env.counters().since(&before);
-    assert_eq!(d.sockets_enrolled, 2 * n, "{d:?}");
-    assert_eq!(
-        d.sockets_removed + d.sockets_evicted,
-        2 * n,
-        "every socket accounted for: {d:?}"
-    );
-    assert_eq!(d.sockets_tracked(), 0, "{d:?}");
+    assert_every_socket_left(&d, 2 * n);
     assert_eq!(d.msgs_redirected, n, "{d:?}");
-    assert_eq!(d.enroll_errors, 0, "{d:?}");
     eprintln!("10,000 connections in {:?}", start.elapsed());
 }
 
@@ -565,14 +558,7 @@ fn fifty_thousand_connections_while_policy_is_replaced_every_100ms() {
     env.dp.replace_policy(&states[0]).unwrap();
     env.wait_empty(Duration::from_secs(20));
     let d = env.counters().since(&before);
-    assert_eq!(d.sockets_enrolled, 2 * ALLOWED, "{d:?}");
-    assert_eq!(
-        d.sockets_removed + d.sockets_evicted,
-        2 * ALLOWED,
-        "every socket accounted for: {d:?}"
-    );
-    assert_eq!(d.sockets_tracked(), 0, "{d:?}");
-    assert_eq!(d.enroll_errors, 0, "{d:?}");
+    assert_every_socket_left(&d, 2 * ALLOWED);
     assert_eq!(d.policy_resets, 0, "no allowed flow was reset: {d:?}");
     // Every message of every allowed connection was short-circuited.
     assert_eq!(d.msgs_redirected, 2 * ALLOWED, "{d:?}");
@@ -618,4 +604,17 @@ fn fifty_thousand_connections_while_policy_is_replaced_every_100ms() {
     let total = start.elapsed();
     eprintln!("policy churn: done in {total:?}, BPF maps {maps_mem} bytes");
     assert!(total < Duration::from_secs(120), "took {total:?}");
+}
+
+/// Exactly `sockets` were enrolled, each left the short-circuit (closed or
+/// evicted), none is still tracked, and no enrollment failed.
+fn assert_every_socket_left(d: &meshpath::Counters, sockets: u64) {
+    assert_eq!(d.sockets_enrolled, sockets, "{d:?}");
+    assert_eq!(
+        d.sockets_removed + d.sockets_evicted,
+        sockets,
+        "every socket accounted for: {d:?}"
+    );
+    assert_eq!(d.sockets_tracked(), 0, "{d:?}");
+    assert_eq!(d.enroll_errors, 0, "{d:?}");
 }
