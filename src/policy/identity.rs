@@ -171,6 +171,18 @@ impl IdentityMap {
         }
     }
 
+    /// Forgets a number (the identity no longer used).
+    pub(crate) fn remove(&mut self, number: u32) {
+        self.by_number.remove(&number);
+    }
+
+    /// Puts `identity` under `number` whatever its own number (tests
+    /// only: a collision on demand).
+    #[cfg(test)]
+    pub(crate) fn force(&mut self, number: u32, identity: Identity) {
+        self.by_number.insert(number, identity);
+    }
+
     /// The name of a number.
     pub fn name(&self, number: u32) -> Option<&Identity> {
         self.by_number.get(&number)

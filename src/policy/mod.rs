@@ -9,7 +9,12 @@
 //! action, generation), and then copied into the other copy. A decision
 //! sees the old state or the new one, never a mix. Established TCP flows
 //! the new state denies are then reset (`reset_denied_flows`).
+//!
+//! Endpoint upserts and deletes take the same steps with one key instead
+//! of a diff of the compiled state (`edit`), where that gives the same
+//! result as a full compile.
 
+mod edit;
 pub mod identity;
 pub mod model;
 
@@ -35,6 +40,8 @@ pub(crate) struct PolicySlot {
     /// What each copy (epoch) of the endpoint and policy maps holds, as
     /// this datapath last wrote it.
     copies: [Known; 2],
+    /// Who uses which identity in `state` (for endpoint edits).
+    index: Option<edit::Index>,
 }
 
 /// The entries of one copy of the endpoint and policy maps, as last
@@ -96,6 +103,9 @@ pub struct PolicyChange {
     /// Why resetting denied flows failed, if it did. The new state is live
     /// either way (the packet hooks drop the denied flows' packets).
     pub reset_error: Option<String>,
+    /// Applied as a one-endpoint edit (`upsert_endpoint`,
+    /// `delete_endpoint`) without compiling the whole state again.
+    pub incremental: bool,
 }
 
 impl Datapath {
@@ -123,6 +133,7 @@ impl Datapath {
             s.policy = abi::policy_word(gen.wrapping_add(1), false, 0, epoch)
         })?;
         slot.state = None;
+        slot.index = None;
         Ok(())
     }
 
@@ -138,9 +149,14 @@ impl Datapath {
     }
 
     /// Adds or replaces the endpoint for `endpoint.ip` (starting from an
-    /// allow-by-default state when no policy is set).
+    /// allow-by-default state when no policy is set). Applied as a
+    /// one-key edit where it can be (`PolicyChange::incremental`).
     pub fn upsert_endpoint(&self, endpoint: Endpoint) -> Result<PolicyChange> {
-        self.modify(|s| {
+        let mut slot = self.lock_policy();
+        if let Some(r) = self.edit_endpoint(&mut slot, endpoint.ip, Some(&endpoint)) {
+            return r;
+        }
+        self.modify_locked(&mut slot, |s| {
             s.endpoints.retain(|e| e.ip != endpoint.ip);
             s.endpoints.push(endpoint);
             Ok(())
@@ -149,7 +165,11 @@ impl Datapath {
 
     /// Removes the endpoint for `ip`; its addresses become `world`.
     pub fn delete_endpoint(&self, ip: IpNet) -> Result<PolicyChange> {
-        self.modify(|s| {
+        let mut slot = self.lock_policy();
+        if let Some(r) = self.edit_endpoint(&mut slot, ip, None) {
+            return r;
+        }
+        self.modify_locked(&mut slot, |s| {
             let before = s.endpoints.len();
             s.endpoints.retain(|e| e.ip != ip);
             if s.endpoints.len() == before {
@@ -328,9 +348,147 @@ impl Datapath {
 
     fn modify(&self, f: impl FnOnce(&mut PolicyState) -> Result<()>) -> Result<PolicyChange> {
         let mut slot = self.lock_policy();
+        self.modify_locked(&mut slot, f)
+    }
+
+    fn modify_locked(
+        &self,
+        slot: &mut PolicySlot,
+        f: impl FnOnce(&mut PolicyState) -> Result<()>,
+    ) -> Result<PolicyChange> {
         let mut state = slot.state.clone().unwrap_or_default();
         f(&mut state)?;
-        self.apply_locked(&mut slot, state)
+        self.apply_locked(slot, state)
+    }
+
+    /// Upserts (`new`) or deletes the endpoints at `ip` without compiling
+    /// the whole state: one key written into each copy around the same
+    /// switch of the policy word as a full apply (idle copy, word, grace
+    /// period, other copy), and the identity names that come and go.
+    /// `None` where the full path must do it: no policy yet, a copy not
+    /// known to hold the desired state (after a failed write, or pins
+    /// adopted), or a change only a full compile can judge
+    /// (`edit::plan`).
+    fn edit_endpoint(
+        &self,
+        slot: &mut PolicySlot,
+        ip: IpNet,
+        new: Option<&Endpoint>,
+    ) -> Option<Result<PolicyChange>> {
+        let (Some(state), Some(index), [Some(a), Some(b)]) =
+            (&slot.state, &slot.index, &slot.copies)
+        else {
+            return None;
+        };
+        if !(Arc::ptr_eq(&a.hosts, &b.hosts)
+            && Arc::ptr_eq(&a.prefixes, &b.prefixes)
+            && Arc::ptr_eq(&a.rules, &b.rules))
+        {
+            return None;
+        }
+        let maps = self.maps();
+        let word = match read_settings(maps) {
+            Ok(s) => s.policy,
+            Err(e) => return Some(Err(e)),
+        };
+        let (gen, on, default, live) = abi::policy_word_parts(word);
+        if !on {
+            return None;
+        }
+        let edit = edit::plan(state, index, &slot.extra, ip, new)?;
+        let known = if edit.key.0 == HOST_PREFIX {
+            &a.hosts
+        } else {
+            &a.prefixes
+        };
+        let write = known.get(&edit.key) != edit.value.as_ref();
+        Some(self.apply_edit(slot, &edit, write, (gen, default, live), ip, new))
+    }
+
+    fn apply_edit(
+        &self,
+        slot: &mut PolicySlot,
+        edit: &edit::EndpointEdit,
+        write: bool,
+        (gen, default, live): (u32, u8, u32),
+        ip: IpNet,
+        new: Option<&Endpoint>,
+    ) -> Result<PolicyChange> {
+        let maps = self.maps();
+        let idle = live ^ 1;
+        let gen = gen.wrapping_add(1);
+        // The idle copy, the new identity's name (written before anything
+        // judged can carry it), then the word: the state is live.
+        let written = (if write {
+            write_endpoint(maps, idle, edit)
+        } else {
+            Ok(())
+        })
+        .and_then(|()| match &edit.named {
+            Some((n, id)) => self.write_identity(*n, id),
+            None => Ok(()),
+        })
+        .and_then(|()| {
+            self.update_settings(|s| s.policy = abi::policy_word(gen, true, default, idle))
+        });
+        if let Err(e) = written {
+            if write {
+                // What the idle copy holds is unsure now: the next change
+                // reads it back.
+                slot.copies[idle as usize] = None;
+            }
+            return Err(e);
+        }
+        rcu_grace_period();
+        let other_ok = !write || write_endpoint(maps, idle ^ 1, edit).is_ok();
+        if !edit.unnamed.is_empty() {
+            if let Ok(names) = maps.typed::<u32, IdentityName>("meshpath_identities") {
+                let _ = names.delete_many(&edit.unnamed);
+            }
+        }
+        // The library's side: the desired state, its index, and what the
+        // copies hold (one map shared by both, edited in place).
+        if let Some(state) = slot.state.as_mut() {
+            state.endpoints.retain(|e| e.ip != ip);
+            state.endpoints.extend(new.cloned());
+        }
+        if let Some(index) = slot.index.as_mut() {
+            index.apply(edit);
+        }
+        let other = slot.copies[(idle ^ 1) as usize].take();
+        drop(other);
+        if let Some(mut copy) = slot.copies[idle as usize].take() {
+            let entries = if edit.key.0 == HOST_PREFIX {
+                Arc::make_mut(&mut copy.hosts)
+            } else {
+                Arc::make_mut(&mut copy.prefixes)
+            };
+            match edit.value {
+                Some(v) => entries.insert(edit.key, v),
+                None => entries.remove(&edit.key),
+            };
+            if other_ok {
+                slot.copies[(idle ^ 1) as usize] = Some(copy.clone());
+            }
+            slot.copies[idle as usize] = Some(copy);
+        }
+        let (written, removed) = match (write, edit.value) {
+            (false, _) => (0, 0),
+            (true, Some(_)) => (1, 0),
+            (true, None) => (0, 1),
+        };
+        let mut change = PolicyChange {
+            endpoints_written: written,
+            endpoints_removed: removed,
+            generation: gen,
+            incremental: true,
+            ..PolicyChange::default()
+        };
+        match self.reset_denied_flows() {
+            Ok(n) => change.flows_reset = n,
+            Err(e) => change.reset_error = Some(format!("{e}")),
+        }
+        Ok(change)
     }
 
     fn identities_of(&self, slot: &PolicySlot) -> Result<IdentityMap> {
@@ -399,6 +557,7 @@ impl Datapath {
             .filter(|n| ids.name(*n).is_none())
             .collect();
         let _ = names.delete_many(&gone);
+        slot.index = Some(edit::Index::of(&compiled));
         slot.state = Some(state);
         change.generation = gen;
         match self.reset_denied_flows() {
@@ -431,6 +590,34 @@ fn rcu_grace_period() {
     let r = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
     if r != 0 {
         std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Writes one endpoint edit into epoch `epoch`'s host hash or prefix
+/// trie.
+fn write_endpoint(maps: &MapSet, epoch: u32, edit: &edit::EndpointEdit) -> Result<()> {
+    let (lpm_name, hosts_name, _) = COPY_MAPS[epoch as usize & 1];
+    let (plen, addr) = edit.key;
+    let what = || format!("endpoint {}/{plen}", abi::words_to_ip(addr));
+    let value = edit
+        .value
+        .map(|(identity, node)| EndpointValue { identity, node });
+    if plen == HOST_PREFIX {
+        let hosts = maps.typed::<HostKey, EndpointValue>(hosts_name)?;
+        match value {
+            Some(v) => hosts.update(&HostKey { addr }, &v, what),
+            None => hosts.delete(&HostKey { addr }).map(|_| ()),
+        }
+    } else {
+        let lpm = maps.typed::<LpmKey, EndpointValue>(lpm_name)?;
+        let key = LpmKey {
+            prefixlen: plen,
+            addr,
+        };
+        match value {
+            Some(v) => lpm.update(&key, &v, what),
+            None => lpm.delete(&key).map(|_| ()),
+        }
     }
 }
 

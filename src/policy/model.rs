@@ -6,12 +6,12 @@
 //! and validation errors name the field the way the config spells it, e.g.
 //! `invalid policies[2].ports[0]: 0 is not a port`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::str::FromStr;
 
 use super::identity::{Identity, IdentityMap};
-use crate::abi::{self, Action as RawAction, IdentityReserved, Proto, ShapeBits};
+use crate::abi::{Action as RawAction, IdentityReserved, Proto, ShapeBits};
 use crate::error::{Error, Result};
 use crate::net::IpNet;
 
@@ -317,6 +317,10 @@ pub(crate) struct Compiled {
     pub shapes: u32,
     pub default_action: DefaultAction,
     pub identities: IdentityMap,
+    /// How many endpoints have each identity number.
+    pub endpoint_uses: BTreeMap<u32, usize>,
+    /// The identity numbers the rules name.
+    pub rule_identities: BTreeSet<u32>,
 }
 
 fn field(path: String, e: Error) -> Error {
@@ -339,9 +343,9 @@ impl PolicyState {
                 .identities
                 .insert(&ep.identity)
                 .map_err(|e| field(format!("endpoints[{i}].identity"), e))?;
-            let key = (ep.ip.mapped_prefix_len(), abi::ip_to_words(ep.ip.addr()));
-            let node = ep.node.as_ref().map_or(0, NodeName::number);
-            let value = (id, node);
+            *c.endpoint_uses.entry(id).or_default() += 1;
+            let key = super::edit::key_of(&ep.ip);
+            let value = super::edit::value_of(ep, id);
             match c.endpoints.entry(key) {
                 std::collections::btree_map::Entry::Vacant(v) => {
                     v.insert(value);
@@ -351,9 +355,7 @@ impl PolicyState {
                 std::collections::btree_map::Entry::Occupied(_) => {
                     let j = self.endpoints[..i]
                         .iter()
-                        .position(|e| {
-                            (e.ip.mapped_prefix_len(), abi::ip_to_words(e.ip.addr())) == key
-                        })
+                        .position(|e| super::edit::key_of(&e.ip) == key)
                         .unwrap_or(i);
                     return Err(Error::invalid(
                         format!("endpoints[{i}].ip"),
@@ -377,6 +379,11 @@ impl PolicyState {
             };
             let src = side(&r.from, "from", &mut c)?;
             let dst = side(&r.to, "to", &mut c)?;
+            for n in [src, dst] {
+                if n != IdentityReserved::MP_ID_ANY.0 {
+                    c.rule_identities.insert(n);
+                }
+            }
             if r.protocol == Protocol::Icmp && !r.ports.is_empty() {
                 return Err(Error::invalid(
                     format!("policies[{i}].ports"),
