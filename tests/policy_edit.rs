@@ -138,6 +138,13 @@ fn check(dp: &Datapath, pins: &Pins, when: &str) {
         }
     }
     assert_eq!(names(pins), used, "identity names {when}");
+    let listed: BTreeMap<u32, String> = dp
+        .identities()
+        .unwrap()
+        .iter()
+        .map(|(n, id)| (n, id.to_string()))
+        .collect();
+    assert_eq!(listed, used, "Datapath::identities {when}");
 }
 
 /// xorshift64*: the same sequence every run.

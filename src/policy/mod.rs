@@ -492,9 +492,12 @@ impl Datapath {
     }
 
     fn identities_of(&self, slot: &PolicySlot) -> Result<IdentityMap> {
-        let mut all = match &slot.state {
-            Some(s) => s.compile()?.identities,
-            None => IdentityMap::default(),
+        // The index has the state's identities (kept by every change);
+        // compiling 100,000 endpoints again would take tens of ms.
+        let mut all = match (&slot.index, &slot.state) {
+            (Some(index), Some(_)) => index.identities.clone(),
+            (None, Some(s)) => s.compile()?.identities,
+            (_, None) => IdentityMap::default(),
         };
         for id in &slot.extra {
             all.insert(id)?;
