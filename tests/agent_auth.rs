@@ -27,7 +27,7 @@ use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use common::agent::{run_failing, setup, stop, Agent, TempDir};
-use common::{read_pattern, write_pattern, Netns};
+use common::{read_pattern, write_pattern, Netns, PinDir};
 use libbpf_rs::MapCore;
 use meshpath::cgroup::ScopedCgroup;
 use meshpath::policy::{Identity, NodeName, SpiffeId};
@@ -383,15 +383,6 @@ fn verifiers_demand_the_spiffe_id_the_ca_and_validity() {
 // Two nodes.
 
 /// A bpffs pin directory, removed (with its pins) on drop.
-struct PinDir(PathBuf);
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        let _ = meshpath::bpffs::remove_pins(&self.0);
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
 struct Node {
     name: &'static str,
     ip: &'static str,
@@ -478,11 +469,7 @@ impl World {
         let node = |n: &'static str, ip: &'static str, spiffe: &str, serial: u64| {
             let netns = Netns::new(&format!("{test}-{n}"));
             let cg = ScopedCgroup::new(&format!("mp-auth-{test}-{n}")).expect("a pod cgroup");
-            let pin = PinDir(PathBuf::from(format!(
-                "/sys/fs/bpf/mp-auth-{test}-{n}-{}",
-                std::process::id()
-            )));
-            let _ = meshpath::bpffs::remove_pins(&pin.0);
+            let pin = PinDir::new(&format!("auth-{test}-{n}"));
             let (cert, key) = write_leaf(&dir.0, n, &pki.leaf(spiffe, serial));
             Node {
                 name: if n == "a" { "node-a" } else { "node-b" },

@@ -3,30 +3,11 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use common::*;
 use meshpath::cgroup::ScopedCgroup;
 use meshpath::{AttachOptions, Datapath, DatapathOptions, Error};
-
-/// A pin directory on bpffs, unpinned on drop.
-struct PinDir(PathBuf);
-
-impl PinDir {
-    fn new(test: &str) -> PinDir {
-        PinDir(PathBuf::from(format!(
-            "/sys/fs/bpf/meshpath-test-{test}-{}",
-            std::process::id()
-        )))
-    }
-}
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        let _ = meshpath::bpffs::remove_pins(&self.0);
-    }
-}
 
 #[test]
 fn pinned_maps_are_adopted_by_the_next_load() {

@@ -9,9 +9,8 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::path::PathBuf;
 
-use common::require_root;
+use common::{require_root, PinDir};
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 use meshpath::policy::{DefaultAction, Endpoint, NodeName, PolicyState, Rule};
 use meshpath::{Datapath, DatapathOptions, Error};
@@ -24,32 +23,6 @@ const IDS: [&str; 6] = [
     "spiffe://mesh.local/ns/c/sa/five",
     "spiffe://mesh.local/ns/c/sa/six",
 ];
-
-/// A bpffs directory for this test's pins, removed at the end.
-struct Pins(PathBuf);
-
-impl Pins {
-    fn new(test: &str) -> Pins {
-        let p = PathBuf::from(format!(
-            "/sys/fs/bpf/meshpath-test-{test}-{}",
-            std::process::id()
-        ));
-        let _ = meshpath::bpffs::remove_pins(&p);
-        Pins(p)
-    }
-
-    fn map(&self, name: &str) -> MapHandle {
-        MapHandle::from_pinned_path(self.0.join(name))
-            .unwrap_or_else(|e| panic!("opening the pinned {name}: {e}"))
-    }
-}
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let _ = meshpath::bpffs::remove_pins(&self.0);
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
 
 /// Key bytes (prefix length over 128 bits, then the v4-mapped or IPv6
 /// address) -> (identity number, node number).
@@ -87,7 +60,7 @@ fn value(m: &MapHandle, k: &[u8]) -> (u32, u32) {
 }
 
 /// What one copy holds: its host hash and its prefix trie together.
-fn copy(pins: &Pins, epoch: u32) -> Entries {
+fn copy(pins: &PinDir, epoch: u32) -> Entries {
     let mut out = Entries::new();
     let hosts = pins.map(&format!("meshpath_hosts_{epoch}"));
     for k in hosts.keys() {
@@ -103,7 +76,7 @@ fn copy(pins: &Pins, epoch: u32) -> Entries {
 }
 
 /// The identity names in the kernel: number -> name.
-fn names(pins: &Pins) -> BTreeMap<u32, String> {
+fn names(pins: &PinDir) -> BTreeMap<u32, String> {
     let m = pins.map("meshpath_identities");
     m.keys()
         .map(|k| {
@@ -119,7 +92,7 @@ fn names(pins: &Pins) -> BTreeMap<u32, String> {
 
 /// Both copies hold exactly the desired endpoints, and the names are
 /// exactly the identities in use.
-fn check(dp: &Datapath, pins: &Pins, when: &str) {
+fn check(dp: &Datapath, pins: &PinDir, when: &str) {
     let state = dp.policy().expect("a policy is set");
     let want = expected(&state.endpoints);
     for epoch in 0..2 {
@@ -188,7 +161,7 @@ fn start() -> PolicyState {
 #[test]
 fn every_endpoint_edit_leaves_both_copies_and_the_names_exact() {
     require_root();
-    let pins = Pins::new("edit");
+    let pins = PinDir::new("edit");
     let dp = Datapath::load(&DatapathOptions::default().pin_dir(&pins.0)).expect("load");
     let mut gen = dp.replace_policy(&start()).unwrap().generation;
     check(&dp, &pins, "at the start");
@@ -257,7 +230,7 @@ fn every_endpoint_edit_leaves_both_copies_and_the_names_exact() {
 #[test]
 fn an_edit_that_finds_the_map_full_changes_nothing_and_the_next_repairs() {
     require_root();
-    let pins = Pins::new("edit-full");
+    let pins = PinDir::new("edit-full");
     let dp = Datapath::load(&DatapathOptions::default().pin_dir(&pins.0).max_endpoints(6))
         .expect("load");
     dp.replace_policy(&start()).unwrap();

@@ -15,44 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::agent::*;
-use common::{read_pattern, write_pattern};
+use common::{read_pattern, write_pattern, PinDir};
 use nix::sys::signal::Signal;
-
-/// A pin directory on bpffs, emptied (links detached) and removed on drop.
-struct PinDir(PathBuf);
-
-impl PinDir {
-    fn new(test: &str) -> PinDir {
-        let p = PathBuf::from(format!(
-            "/sys/fs/bpf/meshpath-test-{test}-{}",
-            std::process::id()
-        ));
-        let _ = meshpath::bpffs::remove_pins(&p);
-        PinDir(p)
-    }
-
-    fn arg(&self) -> String {
-        self.0.to_string_lossy().into_owned()
-    }
-
-    fn entries(&self) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(&self.0)
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort();
-        v
-    }
-}
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        let _ = meshpath::bpffs::remove_pins(&self.0);
-    }
-}
 
 /// The cgroup the test process runs in (children are moved back there
 /// when spawned while the process is inside the test cgroup).

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{pattern, require_root, run, Netns};
+use common::{pattern, require_root, run, Netns, PinDir};
 use meshpath::policy::{DefaultAction, Endpoint, PolicyState, Rule};
 use meshpath::{Datapath, DatapathOptions, Error, Point, Verdict, Verdicts, XdpMode};
 
@@ -797,23 +797,11 @@ impl ForeignProg {
     }
 }
 
-/// A pin directory on bpffs, emptied (links detached) and removed on drop.
-struct Pins(std::path::PathBuf);
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let _ = meshpath::bpffs::remove_pins(&self.0);
-    }
-}
-
 #[test]
 fn a_pinned_xdp_link_outlives_its_datapath_and_is_adopted() {
     let _s = serial();
     let v = Veth::new("xdppin");
-    let pins = Pins(std::path::PathBuf::from(format!(
-        "/sys/fs/bpf/meshpath-test-xdppin-{}",
-        std::process::id()
-    )));
+    let pins = PinDir::new("xdppin");
     let opts = DatapathOptions::default()
         .probe_quirks(false)
         .pin_dir(&pins.0);

@@ -341,3 +341,50 @@ pub fn connect_tcp(s: TcpStream, dst: SocketAddr) -> std::io::Result<TcpStream> 
     nix::sys::socket::connect(s.as_raw_fd(), &nix::sys::socket::SockaddrStorage::from(dst))?;
     Ok(s)
 }
+
+/// A pin directory on bpffs for one test (`/sys/fs/bpf/meshpath-test-
+/// <name>-<pid>`), cleared of leftovers at creation; on drop its pins are
+/// removed (links detached first) and then the directory.
+pub struct PinDir(pub std::path::PathBuf);
+
+impl PinDir {
+    pub fn new(name: &str) -> PinDir {
+        let p = std::path::PathBuf::from(format!(
+            "/sys/fs/bpf/meshpath-test-{name}-{}",
+            std::process::id()
+        ));
+        let _ = meshpath::bpffs::remove_pins(&p);
+        PinDir(p)
+    }
+
+    /// The directory as a command-line argument.
+    pub fn arg(&self) -> String {
+        self.0.to_string_lossy().into_owned()
+    }
+
+    /// The names in the directory, sorted.
+    pub fn entries(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&self.0)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// A pinned map of the datapath, opened from its pin.
+    pub fn map(&self, name: &str) -> libbpf_rs::MapHandle {
+        libbpf_rs::MapHandle::from_pinned_path(self.0.join(name))
+            .unwrap_or_else(|e| panic!("opening the pinned {name}: {e}"))
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = meshpath::bpffs::remove_pins(&self.0);
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
