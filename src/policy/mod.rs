@@ -455,8 +455,8 @@ impl Datapath {
         if let Some(index) = slot.index.as_mut() {
             index.apply(edit);
         }
-        let other = slot.copies[(idle ^ 1) as usize].take();
-        drop(other);
+        // Only one holder left, so the maps are edited, not cloned.
+        slot.copies[(idle ^ 1) as usize] = None;
         if let Some(mut copy) = slot.copies[idle as usize].take() {
             let entries = if edit.key.0 == HOST_PREFIX {
                 Arc::make_mut(&mut copy.hosts)
