@@ -342,6 +342,51 @@ fn a_replace_under_live_traffic_never_judges_by_a_mix() {
     let a = state(FE);
     let b = state(fe2);
     env.dp.replace_policy(&a).unwrap();
+    connect_while_flipping(&env, db, |flip| {
+        env.dp
+            .replace_policy(if flip % 2 == 0 { &b } else { &a })
+            .unwrap();
+    });
+}
+
+#[test]
+fn an_endpoint_edit_under_live_traffic_never_judges_by_a_mix() {
+    // One prefix holds both ends, and its identity flips between two that
+    // may each talk only to themselves: a decision that read the source
+    // before an edit and the destination after it would deny. The edit
+    // is one key; the two copies and the grace period keep it whole.
+    let env = Env::new("policy_edit_atomic");
+    let db = listen(&env, "127.0.0.3:0");
+    let port = db.local_addr().unwrap().port();
+    let fe2 = "spiffe://mesh.local/ns/shop/sa/frontend-v2";
+    env.dp
+        .replace_policy(&PolicyState {
+            default_action: DefaultAction::Deny,
+            endpoints: vec![Endpoint::new("127.0.0.0/29", FE).unwrap()],
+            policies: vec![
+                Rule::new(FE, FE, "tcp", &[port], "allow").unwrap(),
+                Rule::new(fe2, fe2, "tcp", &[port], "allow").unwrap(),
+            ],
+        })
+        .unwrap();
+    let mut edits = 0;
+    connect_while_flipping(&env, db, |flip| {
+        let name = if flip % 2 == 0 { fe2 } else { FE };
+        let change = env
+            .dp
+            .upsert_endpoint(Endpoint::new("127.0.0.0/29", name).unwrap())
+            .unwrap();
+        edits += u64::from(change.incremental);
+        assert_eq!(change.endpoints_written, 1, "{change:?}");
+    });
+    assert!(edits >= 200, "{edits} one-key edits");
+}
+
+/// Connects 127.0.0.2 -> `db` continuously while `flip` changes the
+/// policy (at least 200 times and for 2 s), between states that each
+/// allow the pair: no connect may fail and no hook may deny.
+fn connect_while_flipping(env: &Env, db: TcpListener, mut flip: impl FnMut(u64)) {
+    let db_addr = db.local_addr().unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop_accepting = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let accepter = {
@@ -391,9 +436,7 @@ fn a_replace_under_live_traffic_never_judges_by_a_mix() {
         let start = Instant::now();
         let mut flips = 0;
         while flips < 200 || start.elapsed() < Duration::from_secs(2) {
-            env.dp
-                .replace_policy(if flips % 2 == 0 { &b } else { &a })
-                .unwrap();
+            flip(flips);
             flips += 1;
         }
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -407,14 +450,14 @@ fn a_replace_under_live_traffic_never_judges_by_a_mix() {
         .iter()
         .filter(|(_, verdict, n)| !verdict.passes() && *n > 0)
         .collect();
-    assert!(denied.is_empty(), "denied mid-replace: {denied:?}");
+    assert!(denied.is_empty(), "denied mid-change: {denied:?}");
     assert!(
         connects > 100,
         "too few connects to mean anything: {connects}"
     );
     assert!(
         failures.is_empty(),
-        "{} of {} connects failed mid-replace: {failures:?}",
+        "{} of {} connects failed mid-change: {failures:?}",
         failures.len(),
         connects + failures.len() as u64
     );
