@@ -43,7 +43,7 @@ use anyhow::{bail, Context, Result};
 use criterion::Criterion;
 use harness::{frame, interrupt, median, rotated, sys};
 use meshpath::cgroup::ScopedCgroup;
-use meshpath::policy::{DefaultAction, Endpoint, PolicyState, Rule};
+use meshpath::policy::{DefaultAction, Endpoint, EndpointChange, PolicyState, Rule};
 use meshpath::{AttachOptions, CgroupAttachment, Datapath, DatapathOptions};
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrIn};
 
@@ -249,15 +249,17 @@ enum ApplyCase {
     Both,
     Unchanged,
     OneEndpoint,
+    HundredEndpoints,
 }
 
 impl ApplyCase {
-    const ALL: [ApplyCase; 5] = [
+    const ALL: [ApplyCase; 6] = [
         ApplyCase::Endpoints,
         ApplyCase::Rules,
         ApplyCase::Both,
         ApplyCase::Unchanged,
         ApplyCase::OneEndpoint,
+        ApplyCase::HundredEndpoints,
     ];
 
     fn id(self) -> &'static str {
@@ -267,6 +269,7 @@ impl ApplyCase {
             ApplyCase::Both => "both",
             ApplyCase::Unchanged => "unchanged",
             ApplyCase::OneEndpoint => "one-endpoint",
+            ApplyCase::HundredEndpoints => "hundred-endpoints",
         }
     }
 
@@ -277,6 +280,9 @@ impl ApplyCase {
             ApplyCase::Both => "100,000 endpoints and 10,000 rules, from an empty state",
             ApplyCase::Unchanged => "the large state again (nothing to write)",
             ApplyCase::OneEndpoint => "one endpoint changed in the large state (upsert)",
+            ApplyCase::HundredEndpoints => {
+                "100 endpoints changed in the large state, one batch (`change_endpoints`)"
+            }
         }
     }
 }
@@ -499,7 +505,9 @@ impl Bench {
                 )?,
             ),
             ApplyCase::Both => (empty, big()?),
-            ApplyCase::Unchanged | ApplyCase::OneEndpoint => (big()?, big()?),
+            ApplyCase::Unchanged | ApplyCase::OneEndpoint | ApplyCase::HundredEndpoints => {
+                (big()?, big()?)
+            }
         };
         if dp.policy().as_ref() != Some(&before) {
             dp.replace_policy(&before)
@@ -516,6 +524,26 @@ impl Bench {
                 bail!("one endpoint changed, {change:?} written");
             }
             // Back to the large state for the next round (untimed).
+            dp.replace_policy(&target)
+                .context("restoring the large state")?;
+            return Ok(took);
+        }
+        if case == ApplyCase::HundredEndpoints {
+            // 100 addresses of the large state, each to another identity.
+            let n = NEXT_IDENTITY.fetch_add(1, Ordering::Relaxed);
+            let changes = (0..100)
+                .map(|i| {
+                    let ip = Ipv4Addr::from(endpoint_ip(i * 997));
+                    Endpoint::new(&ip.to_string(), &workload((n + i) % IDENTITIES))
+                        .map(EndpointChange::Upsert)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let t = Instant::now();
+            let change = dp.change_endpoints(&changes).context("change_endpoints")?;
+            let took = t.elapsed();
+            if !change.incremental || change.endpoints_written > 100 {
+                bail!("100 endpoints changed: {change:?}");
+            }
             dp.replace_policy(&target)
                 .context("restoring the large state")?;
             return Ok(took);

@@ -12,7 +12,7 @@ use std::net::IpAddr;
 
 use common::{require_root, PinDir};
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
-use meshpath::policy::{DefaultAction, Endpoint, NodeName, PolicyState, Rule};
+use meshpath::policy::{DefaultAction, Endpoint, EndpointChange, NodeName, PolicyState, Rule};
 use meshpath::{Datapath, DatapathOptions, Error};
 
 const IDS: [&str; 6] = [
@@ -261,4 +261,81 @@ fn an_edit_that_finds_the_map_full_changes_nothing_and_the_next_repairs() {
         .unwrap();
     assert!(change.incremental, "{change:?}");
     check(&dp, &pins, "after the upsert that fits");
+}
+
+#[test]
+fn batches_of_changes_apply_as_one_and_leave_both_copies_exact() {
+    require_root();
+    let pins = PinDir::new("edit-batch");
+    let dp = Datapath::load(&DatapathOptions::default().pin_dir(&pins.0)).expect("load");
+    let mut gen = dp.replace_policy(&start()).unwrap().generation;
+    let mut r = Rng(0x0123_4567_89ab_cdef);
+    let (mut applied, mut incremental, mut refused) = (0, 0, 0);
+    for step in 0..120 {
+        let before = dp.policy().unwrap();
+        let changes: Vec<EndpointChange> = (0..1 + r.below(10))
+            .map(|_| {
+                if r.below(3) == 0 {
+                    let ip = if r.below(10) > 0 && !before.endpoints.is_empty() {
+                        before.endpoints[r.below(before.endpoints.len() as u64) as usize].ip
+                    } else {
+                        address(&mut r).parse().unwrap()
+                    };
+                    EndpointChange::Delete(ip)
+                } else {
+                    let mut e = Endpoint::new(&address(&mut r), IDS[r.below(6) as usize]).unwrap();
+                    if r.below(4) == 0 {
+                        e.node = Some(format!("node-{}", r.below(3)).parse().unwrap());
+                    }
+                    EndpointChange::Upsert(e)
+                }
+            })
+            .collect();
+        let when = format!("after batch {step}: {changes:?}");
+        // What applying them one by one to the desired state gives.
+        let mut want = before.clone();
+        let mut bad = None;
+        for (i, c) in changes.iter().enumerate() {
+            let ip = c.ip();
+            let found = want.endpoints.iter().any(|e| e.ip == ip);
+            want.endpoints.retain(|e| e.ip != ip);
+            match c {
+                EndpointChange::Upsert(e) => want.endpoints.push(e.clone()),
+                EndpointChange::Delete(_) if !found => {
+                    bad.get_or_insert(i);
+                }
+                EndpointChange::Delete(_) => {}
+            }
+        }
+        match dp.change_endpoints(&changes) {
+            Ok(change) => {
+                assert_eq!(bad, None, "{when}: a delete of nothing was applied");
+                assert_eq!(dp.policy().unwrap(), want, "{when}");
+                assert_eq!(
+                    change.generation,
+                    gen.wrapping_add(1),
+                    "{when}: one generation"
+                );
+                gen = change.generation;
+                applied += 1;
+                incremental += usize::from(change.incremental);
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                match bad {
+                    Some(i) => assert!(
+                        msg.contains(&format!("changes[{i}]"))
+                            && msg.contains("is not an endpoint"),
+                        "{when}: {msg}"
+                    ),
+                    None => assert!(msg.contains("is already endpoints["), "{when}: {msg}"),
+                }
+                assert_eq!(dp.policy().unwrap(), before, "{when}: refused, yet changed");
+                refused += 1;
+            }
+        }
+        check(&dp, &pins, &when);
+    }
+    eprintln!("{applied} batches applied ({incremental} as key edits), {refused} refused");
+    assert!(applied > 50 && refused > 5 && incremental > 30);
 }

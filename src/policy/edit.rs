@@ -1,14 +1,17 @@
-//! One endpoint added, replaced or removed, worked out against the desired
+//! Endpoints added, replaced or removed, worked out against the desired
 //! state without compiling it again.
 //!
 //! A whole-state compile of 100,000 endpoints takes tens of milliseconds;
 //! an endpoint change touches one map key and at most two identity names.
-//! [`plan`] finds them from the desired state and an [`Index`] of it (who
-//! uses which identity), or says `None` where only a full compile gives
-//! the right answer (and the right error): an address that another
-//! endpoint spells differently (IPv4 and its v4-mapped IPv6 form), an
-//! identity number that collides, a delete of something that is not
-//! there. The unit tests check every plan against a full compile.
+//! [`plan`] finds them from a [`View`] of the state at that key (one pass
+//! over the endpoint list) and an [`Index`] of it (who uses which
+//! identity), or says `None` where only a full compile gives the right
+//! answer (and the right error): an address that another endpoint spells
+//! differently (IPv4 and its v4-mapped IPv6 form), an identity number that
+//! collides, a delete of something that is not there. [`plan_batch`]
+//! plans a list of changes one after the other on one view, so a batch
+//! costs one pass too. The unit tests check random plans and batches
+//! against full compiles.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -86,18 +89,42 @@ pub(crate) struct EndpointEdit {
     pub removed_identities: Vec<u32>,
     /// Identity numbers the state no longer uses.
     pub dropped: Vec<u32>,
-    /// Identity names to write (used now, not before, not registered).
-    pub named: Option<(u32, Identity)>,
-    /// Identity names to remove (dropped, not registered: registered
-    /// identities keep theirs).
-    pub unnamed: Vec<u32>,
+}
+
+/// The endpoints of a state at some keys, found in one pass over its
+/// endpoint list: key -> address or prefix as spelled -> the identity
+/// numbers of the endpoints there (one per endpoint).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct View(BTreeMap<EndpointKey, BTreeMap<IpNet, Vec<u32>>>);
+
+impl View {
+    pub(crate) fn of(state: &PolicyState, keys: &BTreeSet<EndpointKey>) -> View {
+        let mut v: BTreeMap<EndpointKey, BTreeMap<IpNet, Vec<u32>>> =
+            keys.iter().map(|k| (*k, BTreeMap::new())).collect();
+        for e in &state.endpoints {
+            if let Some(at) = v.get_mut(&key_of(&e.ip)) {
+                at.entry(e.ip).or_default().push(e.identity.number());
+            }
+        }
+        View(v)
+    }
+
+    /// The view once the endpoints at `ip` are replaced with `new`.
+    fn apply(&mut self, ip: IpNet, new: Option<&Endpoint>) {
+        let at = self.0.entry(key_of(&ip)).or_default();
+        at.remove(&ip);
+        if let Some(e) = new {
+            at.insert(ip, vec![e.identity.number()]);
+        }
+    }
 }
 
 /// The edit that replaces every endpoint at `ip` with `new` (upsert), or
-/// removes them (`new` is `None`: delete). `None` where a full compile
-/// must decide (see the module docs).
+/// removes them (`new` is `None`: delete), given a view that covers
+/// `ip`'s key. `None` where a full compile must decide (see the module
+/// docs).
 pub(crate) fn plan(
-    state: &PolicyState,
+    view: &View,
     index: &Index,
     extra: &BTreeSet<Identity>,
     ip: IpNet,
@@ -105,19 +132,17 @@ pub(crate) fn plan(
 ) -> Option<EndpointEdit> {
     let key = key_of(&ip);
     let mut removed_identities = Vec::new();
-    for e in &state.endpoints {
-        if e.ip == ip {
-            removed_identities.push(e.identity.number());
-        } else if key_of(&e.ip) == key {
+    for (spelled, ids) in view.0.get(&key)? {
+        if *spelled != ip {
             // The same address spelled another way: leave it to compile.
             return None;
         }
+        removed_identities.extend(ids);
     }
     if new.is_none() && removed_identities.is_empty() {
         return None;
     }
     let mut added_identity = None;
-    let mut named = None;
     let mut value = None;
     if let Some(e) = new {
         debug_assert_eq!(e.ip, ip);
@@ -125,11 +150,9 @@ pub(crate) fn plan(
         match index.identities.name(n) {
             Some(known) if known != &e.identity => return None,
             Some(_) => {}
-            None => match extra.iter().find(|x| x.number() == n) {
-                Some(x) if x != &e.identity => return None,
-                Some(_) => {}
-                None => named = Some((n, e.identity.clone())),
-            },
+            // A registered identity under the same number: a collision.
+            None if extra.iter().any(|x| x.number() == n && x != &e.identity) => return None,
+            None => {}
         }
         added_identity = Some((n, e.identity.clone()));
         value = Some(value_of(e, n));
@@ -149,17 +172,124 @@ pub(crate) fn plan(
         })
         .map(|(n, _)| n)
         .collect();
-    let unnamed = dropped
-        .iter()
-        .copied()
-        .filter(|n| !extra.iter().any(|x| x.number() == *n))
-        .collect();
     Some(EndpointEdit {
         key,
         value,
         added_identity,
         removed_identities,
         dropped,
+    })
+}
+
+/// One change of a batch: an endpoint added or replaced (at its `ip`),
+/// or the endpoints at an address or prefix removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndpointChange {
+    /// Adds the endpoint, replacing any at the same `ip`.
+    Upsert(Endpoint),
+    /// Removes the endpoints at this address or prefix (an error if there
+    /// are none).
+    Delete(IpNet),
+}
+
+impl EndpointChange {
+    /// The address or prefix it changes.
+    pub fn ip(&self) -> IpNet {
+        match self {
+            EndpointChange::Upsert(e) => e.ip,
+            EndpointChange::Delete(ip) => *ip,
+        }
+    }
+
+    /// Applies it to a state's endpoint list; whether it found something
+    /// to replace or remove.
+    pub(crate) fn apply_to(&self, endpoints: &mut Vec<Endpoint>) -> bool {
+        let ip = self.ip();
+        let before = endpoints.len();
+        endpoints.retain(|e| e.ip != ip);
+        let found = endpoints.len() < before;
+        if let EndpointChange::Upsert(e) = self {
+            endpoints.push(e.clone());
+        }
+        found
+    }
+}
+
+/// What a batch of changes does to the maps, worked out like [`plan`]
+/// one change after the other.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct BatchEdit {
+    /// The addresses and prefixes the changes touched: their endpoints
+    /// leave the list...
+    pub touched: BTreeSet<IpNet>,
+    /// ...and these join its end (the upserts that stand, in the order of
+    /// their last change), as applying the changes one by one would.
+    pub appended: Vec<Endpoint>,
+    pub index: Index,
+    /// Every key a change touched, with its final value (`None`:
+    /// removed); keys whose value ends as it began are in it too.
+    pub keys: BTreeMap<EndpointKey, Option<EndpointVal>>,
+    /// Identity names to write: used afterwards, not before, not
+    /// registered.
+    pub named: Vec<(u32, Identity)>,
+    /// Identity names to remove: used before, not afterwards, not
+    /// registered.
+    pub unnamed: Vec<u32>,
+}
+
+impl BatchEdit {
+    /// Brings an endpoint list (the state the batch was planned on) along.
+    pub(crate) fn apply_to(&self, endpoints: &mut Vec<Endpoint>) {
+        endpoints.retain(|e| !self.touched.contains(&e.ip));
+        endpoints.extend(self.appended.iter().cloned());
+    }
+}
+
+/// The batch edit of `changes`, or `None` where any one of them must be
+/// left to a full compile.
+pub(crate) fn plan_batch(
+    state: &PolicyState,
+    index: &Index,
+    extra: &BTreeSet<Identity>,
+    changes: &[EndpointChange],
+) -> Option<BatchEdit> {
+    let mut view = View::of(state, &changes.iter().map(|c| key_of(&c.ip())).collect());
+    let mut after = index.clone();
+    let mut keys = BTreeMap::new();
+    // Per address: the position of its last change and what stands.
+    let mut last: BTreeMap<IpNet, (usize, Option<&Endpoint>)> = BTreeMap::new();
+    for (i, c) in changes.iter().enumerate() {
+        let new = match c {
+            EndpointChange::Upsert(e) => Some(e),
+            EndpointChange::Delete(_) => None,
+        };
+        let edit = plan(&view, &after, extra, c.ip(), new)?;
+        after.apply(&edit);
+        keys.insert(edit.key, edit.value);
+        view.apply(c.ip(), new);
+        last.insert(c.ip(), (i, new));
+    }
+    let mut standing: Vec<(usize, &Endpoint)> =
+        last.values().filter_map(|&(i, e)| Some((i, e?))).collect();
+    standing.sort_by_key(|&(i, _)| i);
+    let registered = |n: &u32| extra.iter().any(|x| x.number() == *n);
+    let named = after
+        .identities
+        .iter()
+        .filter(|(n, _)| index.identities.name(*n).is_none() && !registered(n))
+        .map(|(n, id)| (n, id.clone()))
+        .collect();
+    let unnamed = index
+        .identities
+        .iter()
+        .map(|(n, _)| n)
+        .filter(|n| after.identities.name(*n).is_none() && !registered(n))
+        .collect();
+    Some(BatchEdit {
+        touched: last.keys().copied().collect(),
+        appended: standing.into_iter().map(|(_, e)| e.clone()).collect(),
+        index: after,
+        keys,
         named,
         unnamed,
     })
@@ -224,7 +354,7 @@ mod tests {
 
     /// Random upserts and deletes; each plan, applied to the compiled
     /// entries and the index, must equal a full compile of the edited
-    /// state, and its identity names the difference in names.
+    /// state.
     #[test]
     fn every_plan_matches_a_full_compile() {
         let mut r = Rng(0x9e37_79b9_7f4a_7c15);
@@ -267,7 +397,8 @@ mod tests {
                 let deleted = next.endpoints.len() < state.endpoints.len();
                 next.endpoints.extend(new.clone());
                 let full = next.compile();
-                let Some(edit) = plan(&state, &index, &extra, ip, new.as_ref()) else {
+                let view = View::of(&state, &[key_of(&ip)].into());
+                let Some(edit) = plan(&view, &index, &extra, ip, new.as_ref()) else {
                     // Declined: a full compile decides (an error, a
                     // delete of nothing, or another spelling).
                     declined += 1;
@@ -295,19 +426,90 @@ mod tests {
                 assert_eq!(entries, want.endpoints, "entries after {edit:?}");
                 index.apply(&edit);
                 assert_eq!(index, Index::of(&want), "index after {edit:?}");
-                let (before, after) = (names(&compiled, &extra), names(&want, &extra));
-                let named: BTreeSet<u32> = edit.named.iter().map(|(n, _)| *n).collect();
-                let added: BTreeSet<u32> = after.difference(&before).copied().collect();
-                assert_eq!(named, added, "names written by {edit:?}");
-                let gone: BTreeSet<u32> = before.difference(&after).copied().collect();
-                let unnamed: BTreeSet<u32> = edit.unnamed.iter().copied().collect();
-                assert_eq!(unnamed, gone, "names removed by {edit:?}");
                 state = next;
                 compiled = want;
             }
         }
         assert!(
             planned > 1000 && declined > 50,
+            "{planned} planned, {declined} declined"
+        );
+    }
+
+    /// Random batches; each, applied to the compiled entries, must equal
+    /// a full compile of the state with the changes applied in order.
+    #[test]
+    fn every_batch_matches_a_full_compile() {
+        let mut r = Rng(0x51_7cc1_b727_220a);
+        let extra: BTreeSet<Identity> = [identity(3).parse().unwrap()].into();
+        let (mut planned, mut declined) = (0, 0);
+        for _round in 0..300 {
+            let mut state = PolicyState {
+                default_action: DefaultAction::Deny,
+                endpoints: Vec::new(),
+                policies: vec![
+                    Rule::new(&identity(0), &identity(1), "tcp", &[80], "allow").unwrap()
+                ],
+            };
+            for _ in 0..r.below(10) {
+                let e = endpoint(&mut r);
+                let mut next = state.clone();
+                EndpointChange::Upsert(e).apply_to(&mut next.endpoints);
+                if next.compile().is_ok() {
+                    state = next;
+                }
+            }
+            let compiled = state.compile().unwrap();
+            let index = Index::of(&compiled);
+            let changes: Vec<EndpointChange> = (0..1 + r.below(8))
+                .map(|_| {
+                    if r.below(3) == 0 && !state.endpoints.is_empty() {
+                        let i = r.below(state.endpoints.len() as u64) as usize;
+                        EndpointChange::Delete(state.endpoints[i].ip)
+                    } else {
+                        EndpointChange::Upsert(endpoint(&mut r))
+                    }
+                })
+                .collect();
+            let mut next = state.clone();
+            let found: Vec<bool> = changes
+                .iter()
+                .map(|c| c.apply_to(&mut next.endpoints))
+                .collect();
+            let full = next.compile();
+            let Some(batch) = plan_batch(&state, &index, &extra, &changes) else {
+                declined += 1;
+                continue;
+            };
+            planned += 1;
+            assert!(
+                changes
+                    .iter()
+                    .zip(&found)
+                    .all(|(c, f)| *f || matches!(c, EndpointChange::Upsert(_))),
+                "a delete of nothing was planned: {changes:?}"
+            );
+            let want = full.expect("a planned batch compiles");
+            let mut endpoints = state.endpoints.clone();
+            batch.apply_to(&mut endpoints);
+            assert_eq!(endpoints, next.endpoints, "{changes:?}");
+            let mut entries = compiled.endpoints.clone();
+            for (k, v) in &batch.keys {
+                match v {
+                    Some(v) => entries.insert(*k, *v),
+                    None => entries.remove(k),
+                };
+            }
+            assert_eq!(entries, want.endpoints, "entries after {changes:?}");
+            assert_eq!(batch.index, Index::of(&want), "index after {changes:?}");
+            let (before, after) = (names(&compiled, &extra), names(&want, &extra));
+            let named: BTreeSet<u32> = batch.named.iter().map(|(n, _)| *n).collect();
+            assert_eq!(named, after.difference(&before).copied().collect());
+            let unnamed: BTreeSet<u32> = batch.unnamed.iter().copied().collect();
+            assert_eq!(unnamed, before.difference(&after).copied().collect());
+        }
+        assert!(
+            planned > 150 && declined > 10,
             "{planned} planned, {declined} declined"
         );
     }
@@ -320,13 +522,14 @@ mod tests {
         };
         let mut index = Index::of(&state.compile().unwrap());
         let e = Endpoint::new("198.18.0.2", &identity(1)).unwrap();
-        assert!(plan(&state, &index, &BTreeSet::new(), e.ip, Some(&e)).is_some());
+        let view = View::of(&state, &[key_of(&e.ip)].into());
+        assert!(plan(&view, &index, &BTreeSet::new(), e.ip, Some(&e)).is_some());
         // Another identity under w1's number, as if the two collided.
         let w1: Identity = identity(1).parse().unwrap();
         index.identities.remove(w1.number());
         index
             .identities
             .force(w1.number(), identity(2).parse().unwrap());
-        assert_eq!(plan(&state, &index, &BTreeSet::new(), e.ip, Some(&e)), None);
+        assert_eq!(plan(&view, &index, &BTreeSet::new(), e.ip, Some(&e)), None);
     }
 }

@@ -21,6 +21,7 @@ pub mod model;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+pub use edit::EndpointChange;
 pub use identity::{derive_number, Identity, IdentityMap, SpiffeId};
 pub use model::{Action, DefaultAction, Endpoint, NodeName, Peer, PolicyState, Protocol, Rule};
 
@@ -29,6 +30,7 @@ use crate::datapath::{read_settings, Datapath};
 use crate::error::{Error, Result};
 use crate::maps::MapSet;
 use crate::net::IpNet;
+use edit::{EndpointKey, EndpointVal};
 use model::Compiled;
 
 /// The library's copy of the desired state.
@@ -103,8 +105,8 @@ pub struct PolicyChange {
     /// Why resetting denied flows failed, if it did. The new state is live
     /// either way (the packet hooks drop the denied flows' packets).
     pub reset_error: Option<String>,
-    /// Applied as a one-endpoint edit (`upsert_endpoint`,
-    /// `delete_endpoint`) without compiling the whole state again.
+    /// Applied as key edits (`upsert_endpoint`, `delete_endpoint`,
+    /// `change_endpoints`) without compiling the whole state again.
     pub incremental: bool,
 }
 
@@ -153,7 +155,8 @@ impl Datapath {
     /// one-key edit where it can be (`PolicyChange::incremental`).
     pub fn upsert_endpoint(&self, endpoint: Endpoint) -> Result<PolicyChange> {
         let mut slot = self.lock_policy();
-        if let Some(r) = self.edit_endpoint(&mut slot, endpoint.ip, Some(&endpoint)) {
+        let change = [EndpointChange::Upsert(endpoint.clone())];
+        if let Some(r) = self.edit_endpoints(&mut slot, &change) {
             return r;
         }
         self.modify_locked(&mut slot, |s| {
@@ -166,7 +169,7 @@ impl Datapath {
     /// Removes the endpoint for `ip`; its addresses become `world`.
     pub fn delete_endpoint(&self, ip: IpNet) -> Result<PolicyChange> {
         let mut slot = self.lock_policy();
-        if let Some(r) = self.edit_endpoint(&mut slot, ip, None) {
+        if let Some(r) = self.edit_endpoints(&mut slot, &[EndpointChange::Delete(ip)]) {
             return r;
         }
         self.modify_locked(&mut slot, |s| {
@@ -361,22 +364,13 @@ impl Datapath {
         self.apply_locked(slot, state)
     }
 
-    /// Upserts (`new`) or deletes the endpoints at `ip` without compiling
-    /// the whole state: one key written into each copy around the same
-    /// switch of the policy word as a full apply (idle copy, word, grace
-    /// period, other copy), and the identity names that come and go.
+    /// What an endpoint edit starts from: the desired state and its
+    /// index, both copies known to hold it, and the live policy word.
     /// `None` where the full path must do it: no policy yet, a copy not
     /// known to hold the desired state (after a failed write, or pins
-    /// adopted), or a change only a full compile can judge
-    /// (`edit::plan`).
-    fn edit_endpoint(
-        &self,
-        slot: &mut PolicySlot,
-        ip: IpNet,
-        new: Option<&Endpoint>,
-    ) -> Option<Result<PolicyChange>> {
-        let (Some(state), Some(index), [Some(a), Some(b)]) =
-            (&slot.state, &slot.index, &slot.copies)
+    /// adopted), or policy off.
+    fn edit_base(slot: &PolicySlot, maps: &MapSet) -> Option<Result<EditBase>> {
+        let (Some(_), Some(_), [Some(a), Some(b)]) = (&slot.state, &slot.index, &slot.copies)
         else {
             return None;
         };
@@ -386,99 +380,142 @@ impl Datapath {
         {
             return None;
         }
-        let maps = self.maps();
         let word = match read_settings(maps) {
             Ok(s) => s.policy,
             Err(e) => return Some(Err(e)),
         };
         let (gen, on, default, live) = abi::policy_word_parts(word);
-        if !on {
-            return None;
-        }
-        let edit = edit::plan(state, index, &slot.extra, ip, new)?;
-        let known = if edit.key.0 == HOST_PREFIX {
-            &a.hosts
-        } else {
-            &a.prefixes
-        };
-        let write = known.get(&edit.key) != edit.value.as_ref();
-        Some(self.apply_edit(slot, &edit, write, (gen, default, live), ip, new))
+        on.then_some(Ok(EditBase { gen, default, live }))
     }
 
-    fn apply_edit(
+    /// Applies `changes` in order, as one change (one new generation):
+    /// as key edits where every one of them can be (`edit::plan_batch`),
+    /// else through the full path. All or nothing: on error (which names
+    /// the change at fault as `changes[i]`) nothing changes.
+    pub fn change_endpoints(&self, changes: &[EndpointChange]) -> Result<PolicyChange> {
+        let mut slot = self.lock_policy();
+        if let Some(r) = self.edit_endpoints(&mut slot, changes) {
+            return r;
+        }
+        self.modify_locked(&mut slot, |s| {
+            for (i, c) in changes.iter().enumerate() {
+                if !c.apply_to(&mut s.endpoints) && matches!(c, EndpointChange::Delete(_)) {
+                    return Err(Error::invalid(
+                        format!("changes[{i}]"),
+                        format!("{} is not an endpoint", c.ip()),
+                    ));
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Applies `changes` as key edits (`edit::plan_batch`), without
+    /// compiling the whole state; `None` where the full path must.
+    fn edit_endpoints(
         &self,
         slot: &mut PolicySlot,
-        edit: &edit::EndpointEdit,
-        write: bool,
-        (gen, default, live): (u32, u8, u32),
-        ip: IpNet,
-        new: Option<&Endpoint>,
+        changes: &[EndpointChange],
+    ) -> Option<Result<PolicyChange>> {
+        let base = match Self::edit_base(slot, self.maps())? {
+            Ok(b) => b,
+            Err(e) => return Some(Err(e)),
+        };
+        let (Some(state), Some(index)) = (&slot.state, &slot.index) else {
+            return None;
+        };
+        let mut batch = edit::plan_batch(state, index, &slot.extra, changes)?;
+        let keys = std::mem::take(&mut batch.keys);
+        let named = std::mem::take(&mut batch.named);
+        let unnamed = std::mem::take(&mut batch.unnamed);
+        Some(
+            self.apply_key_edits(slot, base, keys, named, &unnamed, move |slot| {
+                if let Some(state) = slot.state.as_mut() {
+                    batch.apply_to(&mut state.endpoints);
+                }
+                slot.index = Some(batch.index);
+            }),
+        )
+    }
+
+    /// Writes endpoint keys (`None`: removed) around the same switch of
+    /// the policy word as a full apply: the idle copy, the new identity
+    /// names, the word (new generation, idle copy live), an RCU grace
+    /// period, the other copy, the names no longer used. Then `commit`
+    /// brings the desired state and its index along, the known copies are
+    /// edited in place, and the reset iterator runs.
+    fn apply_key_edits(
+        &self,
+        slot: &mut PolicySlot,
+        EditBase { gen, default, live }: EditBase,
+        keys: BTreeMap<EndpointKey, Option<EndpointVal>>,
+        named: Vec<(u32, Identity)>,
+        unnamed: &[u32],
+        commit: impl FnOnce(&mut PolicySlot),
     ) -> Result<PolicyChange> {
         let maps = self.maps();
         let idle = live ^ 1;
         let gen = gen.wrapping_add(1);
-        // The idle copy, the new identity's name (written before anything
-        // judged can carry it), then the word: the state is live.
-        let written = (if write {
-            write_endpoint(maps, idle, edit)
-        } else {
-            Ok(())
-        })
-        .and_then(|()| match &edit.named {
-            Some((n, id)) => self.write_identity(*n, id),
-            None => Ok(()),
-        })
-        .and_then(|()| {
-            self.update_settings(|s| s.policy = abi::policy_word(gen, true, default, idle))
-        });
+        // Only the keys whose value changes are written.
+        let keys: Vec<(EndpointKey, Option<EndpointVal>)> = {
+            let known = slot.copies[idle as usize].as_ref();
+            keys.into_iter()
+                .filter(|(k, v)| {
+                    let map = known.map(|c| {
+                        if k.0 == HOST_PREFIX {
+                            &c.hosts
+                        } else {
+                            &c.prefixes
+                        }
+                    });
+                    map.and_then(|m| m.get(k)) != v.as_ref()
+                })
+                .collect()
+        };
+        let names = maps.typed::<u32, IdentityName>("meshpath_identities")?;
+        let written = write_endpoints(maps, idle, &keys)
+            .and_then(|()| {
+                let v: Vec<(u32, IdentityName)> = named
+                    .iter()
+                    .map(|(n, id)| (*n, identity_name(id)))
+                    .collect();
+                names.update_many(&v, |n, _| format!("identity {n}"))
+            })
+            .and_then(|()| {
+                self.update_settings(|s| s.policy = abi::policy_word(gen, true, default, idle))
+            });
         if let Err(e) = written {
-            if write {
-                // What the idle copy holds is unsure now: the next change
-                // reads it back.
-                slot.copies[idle as usize] = None;
-            }
+            // What the idle copy holds is unsure now: the next change
+            // reads it back.
+            slot.copies[idle as usize] = None;
             return Err(e);
         }
         rcu_grace_period();
-        let other_ok = !write || write_endpoint(maps, idle ^ 1, edit).is_ok();
-        if !edit.unnamed.is_empty() {
-            if let Ok(names) = maps.typed::<u32, IdentityName>("meshpath_identities") {
-                let _ = names.delete_many(&edit.unnamed);
-            }
-        }
-        // The library's side: the desired state, its index, and what the
-        // copies hold (one map shared by both, edited in place).
-        if let Some(state) = slot.state.as_mut() {
-            state.endpoints.retain(|e| e.ip != ip);
-            state.endpoints.extend(new.cloned());
-        }
-        if let Some(index) = slot.index.as_mut() {
-            index.apply(edit);
-        }
+        let other_ok = write_endpoints(maps, idle ^ 1, &keys).is_ok();
+        let _ = names.delete_many(unnamed);
+        commit(slot);
         // Only one holder left, so the maps are edited, not cloned.
         slot.copies[(idle ^ 1) as usize] = None;
         if let Some(mut copy) = slot.copies[idle as usize].take() {
-            let entries = if edit.key.0 == HOST_PREFIX {
-                Arc::make_mut(&mut copy.hosts)
-            } else {
-                Arc::make_mut(&mut copy.prefixes)
-            };
-            match edit.value {
-                Some(v) => entries.insert(edit.key, v),
-                None => entries.remove(&edit.key),
-            };
+            for (k, v) in &keys {
+                let entries = if k.0 == HOST_PREFIX {
+                    Arc::make_mut(&mut copy.hosts)
+                } else {
+                    Arc::make_mut(&mut copy.prefixes)
+                };
+                match v {
+                    Some(v) => entries.insert(*k, *v),
+                    None => entries.remove(k),
+                };
+            }
             if other_ok {
                 slot.copies[(idle ^ 1) as usize] = Some(copy.clone());
             }
             slot.copies[idle as usize] = Some(copy);
         }
-        let (written, removed) = match (write, edit.value) {
-            (false, _) => (0, 0),
-            (true, Some(_)) => (1, 0),
-            (true, None) => (0, 1),
-        };
+        let removed = keys.iter().filter(|(_, v)| v.is_none()).count();
         let mut change = PolicyChange {
-            endpoints_written: written,
+            endpoints_written: keys.len() - removed,
             endpoints_removed: removed,
             generation: gen,
             incremental: true,
@@ -596,32 +633,49 @@ fn rcu_grace_period() {
     }
 }
 
-/// Writes one endpoint edit into epoch `epoch`'s host hash or prefix
-/// trie.
-fn write_endpoint(maps: &MapSet, epoch: u32, edit: &edit::EndpointEdit) -> Result<()> {
+/// Writes endpoint keys (`None`: removed) into epoch `epoch`'s host
+/// hash and prefix trie.
+fn write_endpoints(
+    maps: &MapSet,
+    epoch: u32,
+    keys: &[(EndpointKey, Option<EndpointVal>)],
+) -> Result<()> {
     let (lpm_name, hosts_name, _) = COPY_MAPS[epoch as usize & 1];
-    let (plen, addr) = edit.key;
-    let what = || format!("endpoint {}/{plen}", abi::words_to_ip(addr));
-    let value = edit
-        .value
-        .map(|(identity, node)| EndpointValue { identity, node });
-    if plen == HOST_PREFIX {
-        let hosts = maps.typed::<HostKey, EndpointValue>(hosts_name)?;
-        match value {
-            Some(v) => hosts.update(&HostKey { addr }, &v, what),
-            None => hosts.delete(&HostKey { addr }).map(|_| ()),
-        }
-    } else {
-        let lpm = maps.typed::<LpmKey, EndpointValue>(lpm_name)?;
-        let key = LpmKey {
-            prefixlen: plen,
-            addr,
-        };
-        match value {
-            Some(v) => lpm.update(&key, &v, what),
-            None => lpm.delete(&key).map(|_| ()),
-        }
-    }
+    let value = |&(identity, node): &EndpointVal| EndpointValue { identity, node };
+    let what = |addr: [u32; 4], plen: u32| format!("endpoint {}/{plen}", abi::words_to_ip(addr));
+    let (hosts, prefixes): (Vec<_>, Vec<_>) = keys.iter().partition(|(k, _)| k.0 == HOST_PREFIX);
+    let host_map = maps.typed::<HostKey, EndpointValue>(hosts_name)?;
+    let writes: Vec<(HostKey, EndpointValue)> = hosts
+        .iter()
+        .filter_map(|((_, addr), v)| v.as_ref().map(|v| (HostKey { addr: *addr }, value(v))))
+        .collect();
+    let gone: Vec<HostKey> = hosts
+        .iter()
+        .filter(|(_, v)| v.is_none())
+        .map(|((_, addr), _)| HostKey { addr: *addr })
+        .collect();
+    host_map.update_many(&writes, |k, _| what(k.addr, HOST_PREFIX))?;
+    host_map.delete_many(&gone)?;
+    let lpm = maps.typed::<LpmKey, EndpointValue>(lpm_name)?;
+    let lpm_key = |&(prefixlen, addr): &EndpointKey| LpmKey { prefixlen, addr };
+    let writes: Vec<(LpmKey, EndpointValue)> = prefixes
+        .iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| (lpm_key(k), value(v))))
+        .collect();
+    let gone: Vec<LpmKey> = prefixes
+        .iter()
+        .filter(|(_, v)| v.is_none())
+        .map(|(k, _)| lpm_key(k))
+        .collect();
+    lpm.update_many(&writes, |k, _| what(k.addr, k.prefixlen))?;
+    lpm.delete_many(&gone)
+}
+
+/// Where an endpoint edit starts: the live policy word's parts.
+struct EditBase {
+    gen: u32,
+    default: u8,
+    live: u32,
 }
 
 /// The maps of each copy: (endpoint prefixes, host addresses, rules).
