@@ -145,6 +145,25 @@ fn address(r: &mut Rng) -> String {
     }
 }
 
+/// A random change: an upsert (two in three; a node now and then), or a
+/// delete of an endpoint of `endpoints` (`odds - 1` in `odds`) or of an
+/// address from the pool, maybe not an endpoint.
+fn change(r: &mut Rng, endpoints: &[Endpoint], odds: u64) -> EndpointChange {
+    if r.below(3) == 0 {
+        let ip = if r.below(odds) > 0 && !endpoints.is_empty() {
+            endpoints[r.below(endpoints.len() as u64) as usize].ip
+        } else {
+            address(r).parse().unwrap()
+        };
+        return EndpointChange::Delete(ip);
+    }
+    let mut e = Endpoint::new(&address(r), IDS[r.below(6) as usize]).unwrap();
+    if r.below(4) == 0 {
+        e.node = Some(format!("node-{}", r.below(3)).parse().unwrap());
+    }
+    EndpointChange::Upsert(e)
+}
+
 fn start() -> PolicyState {
     PolicyState {
         default_action: DefaultAction::Deny,
@@ -169,19 +188,9 @@ fn every_endpoint_edit_leaves_both_copies_and_the_names_exact() {
     let (mut upserts, mut deletes, mut refused, mut incremental) = (0, 0, 0, 0);
     for step in 0..400 {
         let before = dp.policy().unwrap();
-        let (what, result) = if r.below(3) == 0 {
-            let ip = if r.below(4) > 0 && !before.endpoints.is_empty() {
-                before.endpoints[r.below(before.endpoints.len() as u64) as usize].ip
-            } else {
-                address(&mut r).parse().unwrap()
-            };
-            (format!("delete {ip}"), dp.delete_endpoint(ip))
-        } else {
-            let mut e = Endpoint::new(&address(&mut r), IDS[r.below(6) as usize]).unwrap();
-            if r.below(4) == 0 {
-                e.node = Some(format!("node-{}", r.below(3)).parse().unwrap());
-            }
-            (format!("upsert {e:?}"), dp.upsert_endpoint(e))
+        let (what, result) = match change(&mut r, &before.endpoints, 4) {
+            EndpointChange::Delete(ip) => (format!("delete {ip}"), dp.delete_endpoint(ip)),
+            EndpointChange::Upsert(e) => (format!("upsert {e:?}"), dp.upsert_endpoint(e)),
         };
         let when = format!("after step {step}: {what}");
         match result {
@@ -274,22 +283,7 @@ fn batches_of_changes_apply_as_one_and_leave_both_copies_exact() {
     for step in 0..120 {
         let before = dp.policy().unwrap();
         let changes: Vec<EndpointChange> = (0..1 + r.below(10))
-            .map(|_| {
-                if r.below(3) == 0 {
-                    let ip = if r.below(10) > 0 && !before.endpoints.is_empty() {
-                        before.endpoints[r.below(before.endpoints.len() as u64) as usize].ip
-                    } else {
-                        address(&mut r).parse().unwrap()
-                    };
-                    EndpointChange::Delete(ip)
-                } else {
-                    let mut e = Endpoint::new(&address(&mut r), IDS[r.below(6) as usize]).unwrap();
-                    if r.below(4) == 0 {
-                        e.node = Some(format!("node-{}", r.below(3)).parse().unwrap());
-                    }
-                    EndpointChange::Upsert(e)
-                }
-            })
+            .map(|_| change(&mut r, &before.endpoints, 10))
             .collect();
         let when = format!("after batch {step}: {changes:?}");
         // What applying them one by one to the desired state gives.
