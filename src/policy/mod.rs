@@ -154,35 +154,12 @@ impl Datapath {
     /// allow-by-default state when no policy is set). Applied as a
     /// one-key edit where it can be (`PolicyChange::incremental`).
     pub fn upsert_endpoint(&self, endpoint: Endpoint) -> Result<PolicyChange> {
-        let mut slot = self.lock_policy();
-        let change = [EndpointChange::Upsert(endpoint.clone())];
-        if let Some(r) = self.edit_endpoints(&mut slot, &change) {
-            return r;
-        }
-        self.modify_locked(&mut slot, |s| {
-            s.endpoints.retain(|e| e.ip != endpoint.ip);
-            s.endpoints.push(endpoint);
-            Ok(())
-        })
+        self.apply_endpoint_changes(&[EndpointChange::Upsert(endpoint)], |_| "endpoint".into())
     }
 
     /// Removes the endpoint for `ip`; its addresses become `world`.
     pub fn delete_endpoint(&self, ip: IpNet) -> Result<PolicyChange> {
-        let mut slot = self.lock_policy();
-        if let Some(r) = self.edit_endpoints(&mut slot, &[EndpointChange::Delete(ip)]) {
-            return r;
-        }
-        self.modify_locked(&mut slot, |s| {
-            let before = s.endpoints.len();
-            s.endpoints.retain(|e| e.ip != ip);
-            if s.endpoints.len() == before {
-                return Err(Error::invalid(
-                    "endpoint",
-                    format!("{ip} is not an endpoint"),
-                ));
-            }
-            Ok(())
-        })
+        self.apply_endpoint_changes(&[EndpointChange::Delete(ip)], |_| "endpoint".into())
     }
 
     /// The endpoints of the desired state.
@@ -393,6 +370,16 @@ impl Datapath {
     /// else through the full path. All or nothing: on error (which names
     /// the change at fault as `changes[i]`) nothing changes.
     pub fn change_endpoints(&self, changes: &[EndpointChange]) -> Result<PolicyChange> {
+        self.apply_endpoint_changes(changes, |i| format!("changes[{i}]"))
+    }
+
+    /// `changes` as key edits where they can be, else through the full
+    /// path; a delete of nothing is an error naming `field(i)`.
+    fn apply_endpoint_changes(
+        &self,
+        changes: &[EndpointChange],
+        field: impl Fn(usize) -> String,
+    ) -> Result<PolicyChange> {
         let mut slot = self.lock_policy();
         if let Some(r) = self.edit_endpoints(&mut slot, changes) {
             return r;
@@ -401,7 +388,7 @@ impl Datapath {
             for (i, c) in changes.iter().enumerate() {
                 if !c.apply_to(&mut s.endpoints) && matches!(c, EndpointChange::Delete(_)) {
                     return Err(Error::invalid(
-                        format!("changes[{i}]"),
+                        field(i),
                         format!("{} is not an endpoint", c.ip()),
                     ));
                 }
