@@ -14,6 +14,7 @@
  * Datapath::enroll_existing, once per network namespace.
  */
 #include "lib/common.h"
+#include "lib/destroy.h"
 #include "lib/policy.h"
 #include "lib/psock.h"
 #include "lib/settings.h"
@@ -21,8 +22,6 @@
 #include "lib/stats.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
-
-extern int bpf_sock_destroy(struct sock_common *sk) __ksym;
 
 #ifndef SOL_TCP
 #define SOL_TCP 6
@@ -63,18 +62,6 @@ MP_ALWAYS_INLINE __u32 mp_cgroup_flags_of(struct sock *sk)
 }
 
 /* Reports what was done with one socket in the iterator's output. */
-MP_ALWAYS_INLINE void mp_enroll_report(struct bpf_iter_meta *meta,
-				       const struct mp_sock_key *key,
-				       __u32 outcome, __u32 mode)
-{
-	struct mp_enroll_record rec = {
-	    .key = *key,
-	    .outcome = outcome,
-	    .mode = mode,
-	};
-
-	bpf_seq_write(meta->seq, &rec, sizeof(rec));
-}
 
 /* Whether a socket in TCP state `state` carries a connection policy has
  * a say on: established, or closing with data still able to flow. */
@@ -97,6 +84,7 @@ int meshpath_enroll(struct bpf_iter__tcp *ctx)
 	struct sock *sk;
 	__u32 cgflags;
 	int cb = MP_ENROLLED_CB_FLAGS;
+	__u16 flags = 0;
 	__u64 word;
 	int state;
 
@@ -142,11 +130,13 @@ int meshpath_enroll(struct bpf_iter__tcp *ctx)
 	if ((cgflags & MP_CG_POLICY) && mp_policy_on(word) &&
 	    !mp_verdict_passes(st->verdict)) {
 		/* Established before a policy that denies it: cut it. */
-		if (bpf_sock_destroy(skc) == 0) {
+		if (mp_sock_destroy(skc) == 0) {
 			mp_count(MP_C_POLICY_RESET);
-			mp_enroll_report(ctx->meta, &key, MP_ENROLL_RESET, 0);
+			mp_enroll_report(ctx->meta, &key, st->cookie,
+					 MP_ENROLL_RESET, 0, 0);
 		} else {
-			mp_enroll_report(ctx->meta, &key, MP_ENROLL_DENIED, 0);
+			mp_enroll_report(ctx->meta, &key, st->cookie,
+					 MP_ENROLL_DENIED, 0, 0);
 		}
 		return 0;
 	}
@@ -154,20 +144,20 @@ int meshpath_enroll(struct bpf_iter__tcp *ctx)
 	cfg = mp_settings();
 	if (state != BPF_TCP_ESTABLISHED || !(cgflags & MP_CG_SHORTCIRCUIT) ||
 	    !cfg || !cfg->shortcircuit || cfg->draining) {
-		mp_enroll_report(ctx->meta, &key, MP_ENROLL_TRACKED,
-				 MP_DIR_TCP);
+		mp_enroll_report(ctx->meta, &key, st->cookie, MP_ENROLL_TRACKED,
+				 MP_DIR_TCP, 0);
 		return 0;
 	}
 	if (mp_port_bypassed(&key)) {
 		mp_count(MP_C_SOCK_SKIP_BYPASS);
-		mp_enroll_report(ctx->meta, &key, MP_ENROLL_TRACKED,
-				 MP_DIR_TCP);
+		mp_enroll_report(ctx->meta, &key, st->cookie, MP_ENROLL_TRACKED,
+				 MP_DIR_TCP, 0);
 		return 0;
 	}
 	if (!mp_peer_may_be_local(&key)) {
 		mp_count(MP_C_SOCK_SKIP_NONLOCAL);
-		mp_enroll_report(ctx->meta, &key, MP_ENROLL_TRACKED,
-				 MP_DIR_TCP);
+		mp_enroll_report(ctx->meta, &key, st->cookie, MP_ENROLL_TRACKED,
+				 MP_DIR_TCP, 0);
 		return 0;
 	}
 	/* A task asleep in recv() or send() on it runs the plain TCP code
@@ -175,8 +165,8 @@ int meshpath_enroll(struct bpf_iter__tcp *ctx)
 	 * writes would pass sk_msg.  Leave such a socket on TCP. */
 	if (mp_sock_syscall_sleepers((__u64)(unsigned long)sk,
 				     cfg->woken_wake_fn)) {
-		mp_enroll_report(ctx->meta, &key, MP_ENROLL_BLOCKED,
-				 MP_DIR_TCP);
+		mp_enroll_report(ctx->meta, &key, st->cookie, MP_ENROLL_BLOCKED,
+				 MP_DIR_TCP, 0);
 		return 0;
 	}
 	/* Bytes already sent through TCP are not overtaken: this socket's
@@ -194,17 +184,19 @@ int meshpath_enroll(struct bpf_iter__tcp *ctx)
 		entry.flags |= MP_SOCK_F_NO_REDIRECT;
 	if (bpf_map_update_elem(&meshpath_sockets, &key, sk, BPF_ANY)) {
 		mp_count(MP_C_SOCK_ENROLL_ERR);
-		mp_enroll_report(ctx->meta, &key, MP_ENROLL_ERROR, MP_DIR_TCP);
+		mp_enroll_report(ctx->meta, &key, st->cookie, MP_ENROLL_ERROR,
+				 MP_DIR_TCP, 0);
 		return 0;
 	}
 	if (bpf_map_update_elem(&meshpath_sock_index, &key, &entry, BPF_ANY))
 		mp_count(MP_C_SOCK_ENROLL_ERR);
 	st->enrolled = 1;
-	/* Without the close callback the entries would wait for a sweep. */
+	/* Without the close callback the entries wait for a sweep. */
 	if (bpf_setsockopt(sk, SOL_TCP, TCP_BPF_SOCK_OPS_CB_FLAGS, &cb,
 			   sizeof(cb)))
-		mp_count(MP_C_SOCK_ENROLL_ERR);
+		flags |= MP_ENROLL_F_NO_CLOSE_CB;
 	mp_count(MP_C_SOCK_ENROLLED);
-	mp_enroll_report(ctx->meta, &key, MP_ENROLL_ENROLLED, st->mode);
+	mp_enroll_report(ctx->meta, &key, st->cookie, MP_ENROLL_ENROLLED,
+			 st->mode, flags);
 	return 0;
 }

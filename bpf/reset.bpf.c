@@ -4,18 +4,19 @@
  * iterator (one network namespace per run: the caller's) visits every
  * socket; the ones meshpath tracks (established in an attached cgroup)
  * are judged again, and a denied one is aborted with bpf_sock_destroy:
- * the peer gets a RST, the local application ECONNABORTED.  Run by
+ * the peer gets a RST, the local application ECONNABORTED (where the
+ * kernel has no bpf_sock_destroy, the socket is reported in the output
+ * and the library resets it through sock_diag).  Run by
  * Datapath::reset_denied_flows after a policy change.
  */
 #include "lib/common.h"
+#include "lib/destroy.h"
 #include "lib/events.h"
 #include "lib/policy.h"
 #include "lib/sock.h"
 #include "lib/stats.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
-
-extern int bpf_sock_destroy(struct sock_common *sk) __ksym;
 
 SEC("iter/tcp")
 int meshpath_reset(struct bpf_iter__tcp *ctx)
@@ -55,8 +56,13 @@ int meshpath_reset(struct bpf_iter__tcp *ctx)
 	st->policy_gen = mp_policy_gen(word);
 	if (mp_verdict_passes(verdict))
 		return 0;
-	if (bpf_sock_destroy(skc) != 0)
+	if (mp_sock_destroy(skc) != 0) {
+		/* The library resets it through sock_diag (lib/destroy.h). */
+		mp_enroll_report(ctx->meta, &key, st->cookie, MP_ENROLL_DENIED,
+				 0, 0);
 		return 0;
+	}
+	mp_enroll_report(ctx->meta, &key, st->cookie, MP_ENROLL_RESET, 0, 0);
 	mp_count(MP_C_POLICY_RESET);
 	if (mp_events_on()) {
 		struct mp_flow_event ev = {};

@@ -142,6 +142,12 @@ pub struct DatapathOptions {
     /// taken over must have gone to sleep or returned first (ARCHITECTURE.md,
     /// "Taking over existing sockets"). At most 60 s.
     pub adopt_settle: std::time::Duration,
+    /// Reset established flows that policy comes to deny from user space
+    /// (sock_diag `SOCK_DESTROY`) even where the kernel has the
+    /// `bpf_sock_destroy` kfunc that the socket iterators use otherwise
+    /// (default false). Kernels before 6.5 always take this path
+    /// ([`KernelQuirks::sock_destroy_kfunc`]).
+    pub reset_by_sock_diag: bool,
 }
 
 impl Default for DatapathOptions {
@@ -164,6 +170,7 @@ impl Default for DatapathOptions {
             auth_signal_interval: std::time::Duration::from_secs(1),
             auth_signal_rate: 1000,
             adopt_settle: std::time::Duration::from_secs(1),
+            reset_by_sock_diag: false,
         }
     }
 }
@@ -202,6 +209,13 @@ impl DatapathOptions {
     /// Sets how long redirects into a socket taken over wait.
     pub fn adopt_settle(mut self, d: std::time::Duration) -> Self {
         self.adopt_settle = d;
+        self
+    }
+
+    /// Resets denied established flows through sock_diag even where the
+    /// kernel has `bpf_sock_destroy`.
+    pub fn reset_by_sock_diag(mut self, on: bool) -> Self {
+        self.reset_by_sock_diag = on;
         self
     }
 
@@ -350,6 +364,9 @@ pub(crate) struct Inner {
     pub(crate) flow_reader: std::sync::atomic::AtomicBool,
     /// Whether an auth signal reader is open.
     pub(crate) auth_reader: std::sync::atomic::AtomicBool,
+    /// Flows reset from user space (sock_diag), added to the counters'
+    /// `policy_resets`.
+    pub(crate) diag_resets: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -437,6 +454,7 @@ impl Datapath {
         // An adopted datapath keeps enforcing its policy until the new
         // owner replaces it: no gap.
         let adopted_policy = read_settings(&maps)?.policy;
+        let sock_destroy_kfunc = probe::has_kernel_func("bpf_sock_destroy");
         write_settings(
             &maps,
             &Settings {
@@ -448,6 +466,7 @@ impl Datapath {
                 policy: adopted_policy,
                 events: u8::from(opts.flow_events),
                 verdict_cache: u8::from(opts.verdict_cache),
+                reset_by_diag: u8::from(opts.reset_by_sock_diag || !sock_destroy_kfunc),
                 event_interval_ms: opts.event_interval.as_millis().min(u128::from(u32::MAX)) as u32,
                 auth_signal_interval_ms: opts
                     .auth_signal_interval
@@ -484,16 +503,23 @@ impl Datapath {
             xdp: crate::xdp::XdpObject::new(xdp),
             _sk_msg: sk_msg,
             maps,
-            quirks: KernelQuirks::default(),
+            quirks: KernelQuirks {
+                sock_destroy_kfunc,
+                ..KernelQuirks::default()
+            },
             pin_dir,
             attached: Default::default(),
             settings_lock: Default::default(),
             policy: Default::default(),
             flow_reader: Default::default(),
             auth_reader: Default::default(),
+            diag_resets: Default::default(),
         };
         if opts.probe_quirks {
-            inner.quirks = probe::probe_readiness(&inner.maps)?;
+            inner.quirks = KernelQuirks {
+                sock_destroy_kfunc,
+                ..probe::probe_readiness(&inner.maps)?
+            };
         }
         Ok(Datapath {
             inner: Arc::new(inner),
@@ -682,30 +708,35 @@ impl Datapath {
     /// Runs the enroll iterator in the calling thread's namespace.
     fn enroll_here(&self) -> Result<EnrollReport> {
         let out = self.run_iterator("meshpath_enroll", &self.inner.enroll.progs.meshpath_enroll)?;
-        let size = std::mem::size_of::<abi::EnrollRecord>();
-        if out.len() % size != 0 {
-            return Err(Error::io(
-                "reading the enroll iterator's records",
-                "iter/tcp",
-                std::io::Error::other(format!("{} bytes, not a multiple of {size}", out.len())),
-            ));
-        }
         let mut report = EnrollReport {
             namespaces: 1,
             ..EnrollReport::default()
         };
-        for chunk in out.chunks_exact(size) {
-            let mut rec = abi::EnrollRecord::default();
-            plain::copy_from_bytes(&mut rec, chunk).map_err(|_| {
-                Error::io(
-                    "reading the enroll iterator's records",
-                    "iter/tcp",
-                    std::io::Error::other("short record"),
-                )
-            })?;
+        for mut rec in crate::diag::records(&out)? {
+            if rec.outcome == abi::EnrollOutcomeId::MP_ENROLL_DENIED.0
+                && self.destroy_reported(&rec).is_ok()
+            {
+                rec.outcome = abi::EnrollOutcomeId::MP_ENROLL_RESET.0;
+            }
             report.push(&rec);
         }
         Ok(report)
+    }
+
+    /// Resets, through sock_diag, a socket that an iterator judged denied
+    /// but left alone (lib/destroy.h); counted in `policy_resets`. A
+    /// socket that closed meanwhile (`ENOENT`) counts as done.
+    pub(crate) fn destroy_reported(&self, rec: &abi::EnrollRecord) -> std::io::Result<()> {
+        match crate::diag::destroy_tcp(&rec.key, rec.cookie) {
+            Ok(()) => {
+                self.inner
+                    .diag_resets
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Creates a TCP socket iterator of `prog` in the calling thread's
@@ -741,7 +772,12 @@ impl Datapath {
 
     /// The datapath's counters, summed over CPUs.
     pub fn counters(&self) -> Result<Counters> {
-        stats::read(&self.inner.maps)
+        let mut c = stats::read(&self.inner.maps)?;
+        c.policy_resets += self
+            .inner
+            .diag_resets
+            .load(std::sync::atomic::Ordering::Relaxed);
+        Ok(c)
     }
 
     /// Policy verdicts per enforcement point, summed over CPUs.
@@ -967,6 +1003,12 @@ pub struct EnrollReport {
     pub errors: u64,
     /// Left on TCP: a thread was asleep in a read or write on them.
     pub blocked: u64,
+    /// Of the enrolled, those whose sockops callbacks the kernel did not
+    /// let the iterator turn on (kernels before 6.12 refuse
+    /// `TCP_BPF_SOCK_OPS_CB_FLAGS` from a socket iterator): nothing tells
+    /// the datapath when they close, so their index entries stay until
+    /// [`Datapath::sweep_stale`] (the reference agent sweeps periodically).
+    pub no_close_callback: u64,
     /// Network namespaces searched.
     pub namespaces: usize,
     /// Every socket taken over, with what happened to it.
@@ -1036,6 +1078,9 @@ impl EnrollReport {
             _ => EnrollOutcome::Tracked,
         };
         self.adopted += 1;
+        if rec.flags & abi::EnrollFlags::MP_ENROLL_F_NO_CLOSE_CB.0 as u16 != 0 {
+            self.no_close_callback += 1;
+        }
         self.sockets.push(AdoptedSocket {
             local: rec.key.local(),
             remote: rec.key.remote(),
@@ -1050,6 +1095,7 @@ impl EnrollReport {
         self.denied += other.denied;
         self.errors += other.errors;
         self.blocked += other.blocked;
+        self.no_close_callback += other.no_close_callback;
         self.namespaces += other.namespaces;
         self.sockets.extend(other.sockets);
     }

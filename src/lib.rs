@@ -28,6 +28,7 @@ pub mod auth;
 pub mod bpffs;
 pub mod cgroup;
 mod datapath;
+mod diag;
 mod error;
 pub mod events;
 mod maps;

@@ -29,6 +29,12 @@ pub struct KernelQuirks {
     pub poll_readable: bool,
     /// FIONREAD counted the redirected bytes exactly.
     pub fionread_exact: bool,
+    /// The kernel has the `bpf_sock_destroy` kfunc (Linux 6.5+), with
+    /// which the socket iterators reset flows that policy comes to deny.
+    /// Without it the library resets them from user space through
+    /// sock_diag (`SOCK_DESTROY`, CONFIG_INET_DIAG_DESTROY), one netlink
+    /// request per socket, and those resets make no flow event.
+    pub sock_destroy_kfunc: bool,
 }
 
 impl Default for KernelQuirks {
@@ -39,6 +45,7 @@ impl Default for KernelQuirks {
             epoll_wakeup: true,
             poll_readable: true,
             fionread_exact: true,
+            sock_destroy_kfunc: true,
         }
     }
 }
@@ -61,6 +68,9 @@ impl KernelQuirks {
         }
         if !self.fionread_exact {
             out.push("FIONREAD does not count short-circuited bytes on this kernel (fixed in Linux 6.x: tcp_bpf_ioctl)".to_string());
+        }
+        if !self.sock_destroy_kfunc {
+            out.push("no bpf_sock_destroy kfunc (Linux 6.5+): established flows a policy change denies are reset from user space through sock_diag, without a flow event".to_string());
         }
         out
     }
@@ -245,6 +255,7 @@ pub(crate) fn probe_readiness(maps: &MapSet) -> Result<KernelQuirks> {
             epoll_wakeup,
             poll_readable,
             fionread_exact,
+            ..KernelQuirks::default()
         })
     })();
     // Leave nothing behind, whatever happened above.
@@ -253,6 +264,28 @@ pub(crate) fn probe_readiness(maps: &MapSet) -> Result<KernelQuirks> {
         let _ = sockets.delete(key);
     }
     result
+}
+
+/// Whether the running kernel's BTF has a function named `name` (a kfunc
+/// the programs call only where it exists).
+pub(crate) fn has_kernel_func(name: &str) -> bool {
+    let Ok(cname) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: libbpf parses the kernel's BTF into a new object, or returns
+    // an error pointer (checked with libbpf_get_error).
+    let btf = unsafe { libbpf_sys::btf__load_vmlinux_btf() };
+    // SAFETY: libbpf_get_error only inspects the pointer value.
+    if btf.is_null() || unsafe { libbpf_sys::libbpf_get_error(btf.cast()) } != 0 {
+        return false;
+    }
+    // SAFETY: `btf` is a valid BTF object and `cname` a C string.
+    let id = unsafe {
+        libbpf_sys::btf__find_by_name_kind(btf, cname.as_ptr(), libbpf_sys::BTF_KIND_FUNC)
+    };
+    // SAFETY: `btf` came from btf__load_vmlinux_btf and is freed once.
+    unsafe { libbpf_sys::btf__free(btf) };
+    id > 0
 }
 
 /// The address of kernel symbol `name` from /proc/kallsyms; None when it

@@ -176,6 +176,7 @@ fn settings_layout() {
                 policy,
                 events,
                 verdict_cache,
+                reset_by_diag,
                 pad1,
                 event_interval_ms,
                 auth_signal_interval_ms,
@@ -192,7 +193,10 @@ fn settings_layout() {
 fn enroll_record_layout() {
     check(
         "mp_enroll_record",
-        rust_layout!(meshpath::abi::EnrollRecord, [key, outcome, mode]),
+        rust_layout!(
+            meshpath::abi::EnrollRecord,
+            [key, outcome, mode, flags, cookie]
+        ),
     );
 }
 

@@ -466,7 +466,32 @@ fn connect_while_flipping(env: &Env, db: TcpListener, mut flip: impl FnMut(u64))
 
 #[test]
 fn a_policy_change_resets_established_flows_it_denies() {
-    let env = Env::new("policy_reset");
+    resets_established_flows("policy_reset", DatapathOptions::default());
+}
+
+/// The same through sock_diag from user space: the path every kernel
+/// without the `bpf_sock_destroy` kfunc (before 6.5) takes.
+#[test]
+fn a_policy_change_resets_established_flows_through_sock_diag() {
+    resets_established_flows(
+        "policy_reset_diag",
+        DatapathOptions::default().reset_by_sock_diag(true),
+    );
+}
+
+/// The load-time probe finds `bpf_sock_destroy` exactly where the kernel
+/// has it (6.5+), and says so when it is missing.
+#[test]
+fn the_sock_destroy_kfunc_is_found_where_the_kernel_has_it() {
+    let env = Env::new("policy_kfunc_probe");
+    let q = env.dp.quirks();
+    assert_eq!(q.sock_destroy_kfunc, common::kernel_at_least(6, 5), "{q:?}");
+    let mentioned = q.problems().iter().any(|p| p.contains("bpf_sock_destroy"));
+    assert_eq!(mentioned, !q.sock_destroy_kfunc, "{:?}", q.problems());
+}
+
+fn resets_established_flows(test: &str, opts: DatapathOptions) {
+    let env = Env::with(test, opts, AttachOptions::default());
     let db = listen(&env, "127.0.0.3:0");
     let db_addr = db.local_addr().unwrap();
     let allow = PolicyState {

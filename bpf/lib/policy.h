@@ -135,6 +135,11 @@ mp_policy_lookup(__u64 word, __u32 src, __u32 dst, __u32 proto, __u32 dport)
 	shapes = bpf_map_lookup_elem(&meshpath_policy_shapes, &epoch);
 	if (!shapes || !*shapes)
 		return 0;
+		/* Unrolled: clang 14 lays this loop out entered in the middle
+		 * and closed by a fall-through, which verifiers before
+		 * Linux 6.7 reject as a back-edge.  Unrolled, each shape is a
+		 * constant. */
+#pragma unroll
 	for (i = 0; i < 16; i++) {
 		__u8 s = (MP_SHAPE_ORDER >> (4 * i)) & 0xf;
 

@@ -143,18 +143,33 @@ enum mp_enroll_outcome {
 	MP_ENROLL_TRACKED = 1,	/* tracked for policy; both ways on TCP */
 	MP_ENROLL_ENROLLED = 2, /* in the short-circuit map */
 	MP_ENROLL_RESET = 3,	/* policy denies its flow: reset */
-	MP_ENROLL_DENIED = 4,	/* policy denies it; the reset failed */
-	MP_ENROLL_ERROR = 5,	/* the short-circuit map refused it */
+	/* policy denies it; the iterator could not reset it (no
+	 * bpf_sock_destroy before Linux 6.5): the library destroys it
+	 * through sock_diag */
+	MP_ENROLL_DENIED = 4,
+	MP_ENROLL_ERROR = 5, /* the short-circuit map refused it */
 	/* a thread sleeps in a read or write on it, inside the plain TCP code
 	 * (which never looks at the sk_msg queue): tracked, stays on TCP */
 	MP_ENROLL_BLOCKED = 6,
 };
 
-/* One record per socket taken over, written to the iterator's output. */
+/* One record per socket taken over (bpf/enroll.bpf.c) or judged denied
+ * (bpf/reset.bpf.c), written to the iterator's output. */
 struct mp_enroll_record {
 	struct mp_sock_key key;
 	__u32 outcome; /* enum mp_enroll_outcome */
-	__u32 mode;    /* enum mp_dir_mode of its sends when enrolled */
+	__u16 mode;    /* enum mp_dir_mode of its sends when enrolled */
+	__u16 flags;   /* enum mp_enroll_flags */
+	__u64 cookie;  /* the socket's cookie (sock_diag matches it) */
+};
+
+/* Bits of mp_enroll_record.flags. */
+enum mp_enroll_flags {
+	/* The kernel refused to turn on the socket's sockops callbacks from
+	 * the iterator (bpf_setsockopt TCP_BPF_SOCK_OPS_CB_FLAGS; older
+	 * kernels): its index entry outlives it until the library sweeps it
+	 * (Datapath::sweep_stale). */
+	MP_ENROLL_F_NO_CLOSE_CB = 1 << 0,
 };
 
 /* Bits of mp_sock_entry.flags: what a socket asks of its peers. */
@@ -234,7 +249,11 @@ struct mp_settings {
 	__u8 events;	      /* 1: report flow events (meshpath_events) */
 	__u8 verdict_cache;   /* 1: packet hooks cache verdicts per flow
 				 (meshpath_verdict_cache) */
-	__u16 pad1;
+	/* 1: the socket iterators leave policy resets to the library, which
+	 * destroys the sockets they report through sock_diag (set where the
+	 * kernel lacks bpf_sock_destroy, or when asked: lib/destroy.h) */
+	__u8 reset_by_diag;
+	__u8 pad1;
 	__u32 event_interval_ms; /* packet events: at most one per flow key
 				    and verdict per interval, with a count */
 	__u32 auth_signal_interval_ms; /* one auth-required signal per key
@@ -515,6 +534,7 @@ struct mp_abi_anchor {
 	enum mp_cgroup_flags cgroup_flags;
 	enum mp_enroll_outcome enroll_outcome;
 	struct mp_enroll_record enroll_record;
+	enum mp_enroll_flags enroll_flags;
 	enum mp_counter counter;
 	enum mp_dir_mode dir_mode;
 	enum mp_sock_reason reason;

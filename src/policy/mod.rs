@@ -315,11 +315,22 @@ impl Datapath {
             .len())
     }
 
-    /// Runs the reset iterator in the calling thread's namespace.
+    /// Runs the reset iterator in the calling thread's namespace; the
+    /// sockets it judged denied but could not reset itself (no
+    /// `bpf_sock_destroy`) are reset here through sock_diag.
     fn reset_here(&self) -> Result<u64> {
-        let before = self.counters()?.policy_resets;
-        self.run_iterator("meshpath_reset", &self.inner.reset.progs.meshpath_reset)?;
-        Ok(self.counters()?.policy_resets.saturating_sub(before))
+        let out = self.run_iterator("meshpath_reset", &self.inner.reset.progs.meshpath_reset)?;
+        let mut n = 0;
+        for rec in crate::diag::records(&out)? {
+            if rec.outcome == abi::EnrollOutcomeId::MP_ENROLL_DENIED.0 {
+                self.destroy_reported(&rec).map_err(|e| Error::KernelFeature {
+                    feature: "resetting established flows (bpf_sock_destroy, Linux 6.5+, or sock_diag SOCK_DESTROY, CONFIG_INET_DIAG_DESTROY)",
+                    detail: format!("destroying {} -> {}: {e}", rec.key.local(), rec.key.remote()),
+                })?;
+            }
+            n += 1;
+        }
+        Ok(n)
     }
 
     fn lock_policy(&self) -> std::sync::MutexGuard<'_, PolicySlot> {

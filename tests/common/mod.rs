@@ -35,6 +35,27 @@ pub fn require_root() {
     }
 }
 
+/// The running kernel's (major, minor) version.
+pub fn kernel_version() -> (u32, u32) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("kernel release");
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("kernel major");
+    let minor = parts
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("kernel minor");
+    (major, minor)
+}
+
+/// Whether the running kernel is `major.minor` or newer: tests assert the
+/// degraded behaviour of older kernels with it, they never skip.
+pub fn kernel_at_least(major: u32, minor: u32) -> bool {
+    kernel_version() >= (major, minor)
+}
+
 /// One test's world: a datapath, a private cgroup and the attachment.
 pub struct Env {
     // Drop order: detach, then the cgroup, then the datapath, then the lock.
