@@ -131,6 +131,23 @@ impl Env {
         self.wait_empty_inner(within, true)
     }
 
+    /// Like `wait_empty`, once sockets that the enroll iterator took over
+    /// and enrolled have closed. From Linux 6.12 the iterator turns on
+    /// their close callback and they leave by themselves; older kernels
+    /// refuse it (`EnrollReport::no_close_callback`), so their index
+    /// entries outlive them until a sweep: asserted here, then swept.
+    pub fn wait_empty_after_takeover(&self, within: Duration) {
+        if kernel_at_least(6, 12) {
+            return self.wait_empty(within);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            !self.dp.sockets().unwrap().is_empty(),
+            "before 6.12 the entries of sockets taken over outlive them until a sweep"
+        );
+        self.sweep_and_wait_empty(within)
+    }
+
     fn wait_empty_inner(&self, within: Duration, sweep: bool) {
         let deadline = Instant::now() + within;
         loop {
