@@ -38,6 +38,13 @@ pub(crate) fn apply_policy(
         }
     };
     let mut reset = change.flows_reset;
+    if let Some(e) = &change.reset_error {
+        // In force, but established flows it denies may live on: say so.
+        warn(&format!(
+            "config {}: the policy is applied, but resetting the established flows it denies failed: {e}",
+            path.display()
+        ));
+    }
     for ns in &args.policy_reset_netns {
         match dp.reset_denied_flows_in(ns) {
             Ok(n) => reset += n,
