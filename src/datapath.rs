@@ -29,6 +29,8 @@ pub(crate) const CGROUP_HOOKS: &[&str] = &[
     "sendmsg6",
     "ingress",
     "egress",
+    "sock_create",
+    "socket_create",
 ];
 
 /// The pin of a cgroup link: `meshpath_link_cg<cgroup id>_<hook>`.
@@ -349,6 +351,7 @@ pub(crate) struct Inner {
     pub(crate) skb: Loaded<skel::skb::SkbSkel<'static>>,
     pub(crate) reset: Loaded<skel::reset::ResetSkel<'static>>,
     pub(crate) enroll: Loaded<skel::enroll::EnrollSkel<'static>>,
+    pub(crate) socket: Loaded<skel::socket::SocketSkel<'static>>,
     pub(crate) xdp: crate::xdp::XdpObject,
     pub(crate) _sk_msg: Loaded<skel::sk_msg::SkMsgSkel<'static>>,
     pub(crate) maps: MapSet,
@@ -450,6 +453,7 @@ impl Datapath {
             opts,
             pin,
         )?;
+        let (socket, lsm_cgroup) = load_socket_object(&mut maps, opts, pin)?;
 
         // An adopted datapath keeps enforcing its policy until the new
         // owner replaces it: no gap.
@@ -500,11 +504,13 @@ impl Datapath {
             skb,
             reset,
             enroll,
+            socket,
             xdp: crate::xdp::XdpObject::new(xdp),
             _sk_msg: sk_msg,
             maps,
             quirks: KernelQuirks {
                 sock_destroy_kfunc,
+                lsm_cgroup,
                 ..KernelQuirks::default()
             },
             pin_dir,
@@ -518,6 +524,7 @@ impl Datapath {
         if opts.probe_quirks {
             inner.quirks = KernelQuirks {
                 sock_destroy_kfunc,
+                lsm_cgroup,
                 ..probe::probe_readiness(&inner.maps)?
             };
         }
@@ -624,6 +631,12 @@ impl Datapath {
             wanted.push(("sendmsg6", &c.meshpath_sendmsg6));
             wanted.push(("ingress", &i.skb.progs.meshpath_ingress));
             wanted.push(("egress", &i.skb.progs.meshpath_egress));
+            if !opts.raw_sockets {
+                wanted.push(("sock_create", &i.socket.progs.meshpath_sock_create));
+                if i.quirks.lsm_cgroup {
+                    wanted.push(("socket_create", &i.socket.progs.meshpath_socket_create));
+                }
+            }
         }
         let target = || format!("cgroup {}", cg.path().display());
         let mut links = Vec::new();
@@ -1118,6 +1131,14 @@ pub struct AttachOptions {
     /// attach (in the caller's network namespace): judge them, track them,
     /// enroll them when safe (default true; `Datapath::enroll_existing`).
     pub enroll_existing: bool,
+    /// Let the cgroup's workloads open raw IP, packet (`AF_PACKET`) and
+    /// `AF_XDP` sockets while a policy is in force (default false: such a
+    /// `socket()` fails with EPERM). Packet and XDP frames pass no cgroup
+    /// hook, and raw IP packets carry whatever source address the workload
+    /// writes, so policy could not judge them by the workload's identity.
+    /// Packet and XDP sockets are refused where the bpf LSM is active
+    /// (`KernelQuirks::lsm_cgroup`); raw IP sockets everywhere.
+    pub raw_sockets: bool,
 }
 
 impl Default for AttachOptions {
@@ -1127,6 +1148,7 @@ impl Default for AttachOptions {
             allow_root: false,
             policy: true,
             enroll_existing: true,
+            raw_sockets: false,
         }
     }
 }
@@ -1135,6 +1157,12 @@ impl AttachOptions {
     /// Sets whether the cgroup's sockets are short-circuited.
     pub fn short_circuit(mut self, on: bool) -> Self {
         self.short_circuit = on;
+        self
+    }
+
+    /// Lets the cgroup's workloads open raw IP, packet and AF_XDP sockets.
+    pub fn raw_sockets(mut self, on: bool) -> Self {
+        self.raw_sockets = on;
         self
     }
 
@@ -1184,7 +1212,55 @@ where
     O: OpenSkel<'static>,
     O::Output: Skel<'static>,
 {
+    load_object_with(object, builder, maps, opts, pin, |_| {})
+}
+
+/// Loads `bpf/socket.bpf.c`. Its `lsm_cgroup/socket_create` program is
+/// left out where the bpf LSM is not active or the kernel refuses the
+/// program (before Linux 6.0, or a sandbox that forbids LSM programs):
+/// the second result says whether it loaded.
+fn load_socket_object(
+    maps: &mut MapSet,
+    opts: &DatapathOptions,
+    pin: Option<&Path>,
+) -> Result<(Loaded<skel::socket::SocketSkel<'static>>, bool)> {
+    let builder = skel::socket::SocketSkelBuilder::default;
+    if probe::bpf_lsm_active() {
+        let with_lsm = load_object_with("socket", builder(), maps, opts, pin, |_| {});
+        if let Ok(loaded) = with_lsm {
+            return Ok((loaded, true));
+        }
+    }
+    let loaded = load_object_with(
+        "socket",
+        builder(),
+        maps,
+        opts,
+        pin,
+        |open: &mut skel::socket::OpenSocketSkel<'static>| {
+            open.progs.meshpath_socket_create.set_autoload(false);
+        },
+    )?;
+    Ok((loaded, false))
+}
+
+/// [`load_object`], with `prepare` run on the opened object before load
+/// (e.g. to leave out a program the kernel cannot take).
+fn load_object_with<B, O>(
+    object: &'static str,
+    builder: B,
+    maps: &mut MapSet,
+    opts: &DatapathOptions,
+    pin: Option<&Path>,
+    prepare: impl FnOnce(&mut O),
+) -> Result<Loaded<O::Output>>
+where
+    B: SkelBuilder<'static, Output = O>,
+    O: OpenSkel<'static>,
+    O::Output: Skel<'static>,
+{
     let loaded = skel::open_and_load(object, builder, |open: &mut O| {
+        prepare(open);
         for mut m in open.open_object_mut().maps_mut() {
             let name = m.name().to_string_lossy().into_owned();
             if !name.starts_with("meshpath_") {

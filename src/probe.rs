@@ -35,6 +35,13 @@ pub struct KernelQuirks {
     /// sock_diag (`SOCK_DESTROY`, CONFIG_INET_DIAG_DESTROY), one netlink
     /// request per socket, and those resets make no flow event.
     pub sock_destroy_kfunc: bool,
+    /// The bpf LSM is active and took meshpath's `lsm_cgroup` program
+    /// (Linux 6.0+, `bpf` in the kernel's `lsm=` list, and no sandbox that
+    /// forbids LSM programs): attached workloads
+    /// are refused packet (`AF_PACKET`) and `AF_XDP` sockets while a policy
+    /// is in force. Without it those sockets are not refused, and their
+    /// frames are judged only by XDP on the devices they reach.
+    pub lsm_cgroup: bool,
 }
 
 impl Default for KernelQuirks {
@@ -46,6 +53,7 @@ impl Default for KernelQuirks {
             poll_readable: true,
             fionread_exact: true,
             sock_destroy_kfunc: true,
+            lsm_cgroup: true,
         }
     }
 }
@@ -68,6 +76,9 @@ impl KernelQuirks {
         }
         if !self.fionread_exact {
             out.push("FIONREAD does not count short-circuited bytes on this kernel (fixed in Linux 6.x: tcp_bpf_ioctl)".to_string());
+        }
+        if !self.lsm_cgroup {
+            out.push("the bpf LSM is not active or refused meshpath's lsm_cgroup program (it needs Linux 6.0+ with bpf in the kernel's lsm= list): workloads of attached cgroups are not refused packet (AF_PACKET) and AF_XDP sockets, whose frames only XDP on a device judges".to_string());
         }
         if !self.sock_destroy_kfunc {
             out.push("no bpf_sock_destroy kfunc (Linux 6.5+): established flows a policy change denies are reset from user space through sock_diag, without a flow event".to_string());
@@ -264,6 +275,14 @@ pub(crate) fn probe_readiness(maps: &MapSet) -> Result<KernelQuirks> {
         let _ = sockets.delete(key);
     }
     result
+}
+
+/// Whether the bpf LSM is active (`bpf` in securityfs's `lsm` list);
+/// false when that cannot be read (securityfs not mounted).
+pub(crate) fn bpf_lsm_active() -> bool {
+    std::fs::read_to_string("/sys/kernel/security/lsm")
+        .map(|l| l.trim().split(',').any(|m| m == "bpf"))
+        .unwrap_or(false)
 }
 
 /// Whether the running kernel's BTF has a function named `name` (a kfunc

@@ -46,6 +46,11 @@ macro_rules! counters {
                 .ok_or_else(|| Error::invalid("datapath", "counters map missing"))?;
             let fd = std::os::fd::AsFd::as_fd(&m.fd);
             let get = |id: CounterId| -> Result<u64> {
+                // A counter added after the pinned map was made is past its
+                // end: it reads 0 (arrays cannot grow in place).
+                if id.0 >= m.facts.max_entries {
+                    return Ok(0);
+                }
                 let v = sys::lookup_percpu_u64(fd, &id.0).map_err(|source| Error::Map {
                     map: "meshpath_counters",
                     op: "reading a counter",
@@ -123,6 +128,9 @@ counters! {
         auth_signals_deduplicated = MP_C_AUTH_SIGNALS_DEDUP,
         /// Signals not sent: the rate limit, or a full ring.
         auth_signals_dropped = MP_C_AUTH_SIGNALS_DROPPED,
+        /// `socket()` calls refused to workloads of attached cgroups: raw
+        /// IP, packet and AF_XDP sockets (`AttachOptions::raw_sockets`).
+        sockets_refused = MP_C_SOCK_REFUSED,
 }
 
 impl Counters {

@@ -232,6 +232,9 @@ enum mp_counter {
 	MP_C_AUTH_SIGNALS,	   /* auth-required signals sent */
 	MP_C_AUTH_SIGNALS_DEDUP,   /* ... not sent: one for the key is recent */
 	MP_C_AUTH_SIGNALS_DROPPED, /* ... not sent: rate limit or ring full */
+	/* socket() refused to a workload: raw IP, packet or AF_XDP sockets
+	 * (bpf/socket.bpf.c); read as 0 from a pin made before it existed */
+	MP_C_SOCK_REFUSED,
 	MP_C_MAX,
 };
 
