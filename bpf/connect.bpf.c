@@ -77,8 +77,8 @@ MP_ALWAYS_INLINE void mp_connect_event(struct bpf_sock_addr *ctx, __u32 point,
 /*
  * Judges src:sport -> dst:dport; returns the hook's answer (1 pass, 0
  * EPERM).  TCP connects start flows.  A UDP send may also be a reply in
- * an allowed flow (a server answering with sendto), judged as packets
- * are (mp_policy_packet_j).
+ * a tracked flow (a server answering with sendto), judged as packets are
+ * (mp_policy_packet_j, lib/ct.h).
  */
 MP_ALWAYS_INLINE int mp_judge(struct bpf_sock_addr *ctx, __u64 word,
 			      __u32 point, __u32 src[4], const __u32 dst[4],
@@ -100,7 +100,7 @@ MP_ALWAYS_INLINE int mp_judge(struct bpf_sock_addr *ctx, __u64 word,
 	}
 	if (proto == MP_PROTO_UDP && sport) {
 		mp_policy_packet_j(word, point, MP_LOCAL_SRC, src, dst, proto,
-				   sport, dport, false, &j);
+				   sport, dport, MP_PKT_ANY, 0, &j);
 	} else {
 		mp_policy_judge_j(word, point, MP_LOCAL_SRC, src, dst, proto,
 				  dport, &j);

@@ -127,6 +127,9 @@ int meshpath_enroll(struct bpf_iter__tcp *ctx)
 	st->cookie = bpf_get_socket_cookie(sk);
 	st->tracked = 1;
 	mp_count(MP_C_SOCK_ADOPTED);
+	if (mp_policy_on(word))
+		mp_ct_track_sock(word, &key, st->client,
+				 st->client ? &fwd : &rev);
 	if ((cgflags & MP_CG_POLICY) && mp_policy_on(word) &&
 	    !mp_verdict_passes(st->verdict)) {
 		/* Established before a policy that denies it: cut it. */

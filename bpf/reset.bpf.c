@@ -54,8 +54,10 @@ int meshpath_reset(struct bpf_iter__tcp *ctx)
 	st->verdict = verdict;
 	st->auth_expiry_ns = j.auth_expiry;
 	st->policy_gen = mp_policy_gen(word);
-	if (mp_verdict_passes(verdict))
+	if (mp_verdict_passes(verdict)) {
+		mp_ct_track_sock(word, &key, st->client, &j);
 		return 0;
+	}
 	if (mp_sock_destroy(skc) != 0) {
 		/* The library resets it through sock_diag (lib/destroy.h). */
 		mp_enroll_report(ctx->meta, &key, st->cookie, MP_ENROLL_DENIED,

@@ -6,10 +6,12 @@
  * Denied packets are dropped before the application sees them (ingress)
  * or before they leave (egress).
  *
- * Stateless (mp_policy_packet): a packet passes when the flow it starts
- * is allowed, or when it can be a reply in an allowed flow; a TCP SYN
- * only starts flows.  So a policy change applies to established flows at
- * their next packet.  Data starts at the network header here.
+ * Stateful (mp_policy_packet, lib/ct.h): a packet passes when policy
+ * allows the flow it starts, or when it belongs to a tracked flow (in
+ * either direction) that policy still allows; a reply passes only when its
+ * flow really was allowed and started.  So a policy change applies to
+ * established flows at their next packet.  Data starts at the network
+ * header here.
  */
 #include "lib/common.h"
 #include "lib/events.h"
@@ -81,12 +83,11 @@ MP_ALWAYS_INLINE int mp_skb_judge(struct __sk_buff *skb, __u32 point)
 		}
 		return 0;
 	}
-	syn_only = p.proto == MP_PROTO_TCP &&
-		   (p.tcp_flags & (MP_TCP_SYN | MP_TCP_ACK)) == MP_TCP_SYN;
+	syn_only = p.proto == MP_PROTO_TCP && p.kind == MP_PKT_STARTS;
 	mp_policy_packet_j(
 	    word, point,
 	    point == MP_POINT_INGRESS ? MP_LOCAL_DST : MP_LOCAL_SRC, p.saddr,
-	    p.daddr, p.proto, p.sport, p.dport, syn_only, &j);
+	    p.daddr, p.proto, p.sport, p.dport, p.kind, p.tcp_flags, &j);
 	verdict = j.verdict;
 	/* Drops are always reported (aggregated).  An audited TCP flow is
 	 * reported by the packet that starts it, not by every segment. */

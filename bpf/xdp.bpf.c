@@ -4,9 +4,12 @@
  * the driver allows, generic otherwise), before the kernel's stack sees
  * it: Ethernet, up to two VLAN tags (802.1Q 0x8100, 802.1ad 0x88A8),
  * then IPv4/IPv6 and TCP/UDP/ICMP through lib/parse.h, judged like
- * cgroup_skb judges (lib/policy.h, mp_policy_packet): stateless, a packet
- * passes when the flow it starts is allowed or when it can be a reply in
- * an allowed flow; a TCP SYN without ACK only starts flows.
+ * cgroup_skb judges (lib/policy.h, mp_policy_packet): with connection
+ * tracking (lib/ct.h), a packet passes when policy allows the flow it
+ * starts or when it belongs to a tracked flow that policy still allows.
+ * Replies to flows that workloads behind this device started are tracked
+ * by the cgroup_skb egress of their (attached) cgroups: meshpath_ct is
+ * one map for every hook.
  *
  * Verdicts (counted at MP_POINT_XDP in meshpath_verdicts; see also
  * ARCHITECTURE.md, "Packets (XDP)"):
@@ -143,10 +146,9 @@ int meshpath_xdp(struct xdp_md *ctx)
 		}
 		return XDP_DROP;
 	}
-	syn_only = p.proto == MP_PROTO_TCP &&
-		   (p.tcp_flags & (MP_TCP_SYN | MP_TCP_ACK)) == MP_TCP_SYN;
+	syn_only = p.proto == MP_PROTO_TCP && p.kind == MP_PKT_STARTS;
 	mp_policy_packet_j(word, MP_POINT_XDP, MP_LOCAL_DST, p.saddr, p.daddr,
-			   p.proto, p.sport, p.dport, syn_only, &j);
+			   p.proto, p.sport, p.dport, p.kind, p.tcp_flags, &j);
 	/* As cgroup_skb: drops always reported (aggregated); an audited TCP
 	 * flow by the packet that starts it, not by every segment. */
 	if (j.verdict != MP_V_ALLOW && mp_events_on() &&

@@ -13,7 +13,8 @@ use crate::skel::sockops::types;
 pub use types::{
     mp_abi as Abi, mp_action as Action, mp_auth_key as AuthKey, mp_auth_signal as AuthSignal,
     mp_auth_value as AuthValue, mp_bypass_flags as BypassFlags, mp_cert_info as CertInfo,
-    mp_cgroup_flags as CgroupFlags, mp_counter as CounterId, mp_dir_mode as DirMode,
+    mp_cgroup_flags as CgroupFlags, mp_counter as CounterId, mp_ct_flags as CtFlags,
+    mp_ct_key as CtKey, mp_ct_value as CtValue, mp_dir_mode as DirMode,
     mp_endpoint as EndpointValue, mp_enroll_flags as EnrollFlags,
     mp_enroll_outcome as EnrollOutcomeId, mp_enroll_record as EnrollRecord,
     mp_event_type as EventType, mp_flow_event as FlowEvent, mp_host_key as HostKey,
@@ -69,6 +70,10 @@ unsafe impl plain::Plain for AuthSignal {}
 unsafe impl plain::Plain for CertInfo {}
 // SAFETY: see above.
 unsafe impl plain::Plain for EnrollRecord {}
+// SAFETY: see above.
+unsafe impl plain::Plain for CtKey {}
+// SAFETY: see above.
+unsafe impl plain::Plain for CtValue {}
 
 /// Packs the policy word (see `enum mp_policy_word` in abi.h).
 pub(crate) fn policy_word(gen: u32, on: bool, default_action: u8, epoch: u32) -> u64 {

@@ -70,6 +70,7 @@ pub(crate) const KNOWN_MAPS: &[&str] = &[
     "meshpath_policy_1",
     "meshpath_policy_shapes",
     "meshpath_verdict_cache",
+    "meshpath_ct",
     "meshpath_identities",
     "meshpath_verdicts",
     "meshpath_events",
@@ -120,6 +121,10 @@ pub struct DatapathOptions {
     /// Capacity of the verdict cache in flows (LRU: the least recently
     /// seen flows make room). Default 16,384.
     pub max_verdict_cache: u32,
+    /// Capacity of the connection-tracking map in flows (LRU: the least
+    /// recently seen flows make room; an evicted flow's next packet is
+    /// judged as a new flow in its own direction). Default 65,536.
+    pub max_conntrack: u32,
     /// Report flow events from the start (default false: reading them
     /// with `Datapath::flows` turns them on).
     pub flow_events: bool,
@@ -165,6 +170,7 @@ impl Default for DatapathOptions {
             max_policies: 16_384,
             verdict_cache: true,
             max_verdict_cache: 16_384,
+            max_conntrack: 65_536,
             flow_events: false,
             event_interval: std::time::Duration::from_secs(1),
             event_ring_bytes: 4 << 20,
@@ -239,6 +245,12 @@ impl DatapathOptions {
         self
     }
 
+    /// Sets the connection-tracking map's capacity (flows).
+    pub fn max_conntrack(mut self, n: u32) -> Self {
+        self.max_conntrack = n;
+        self
+    }
+
     /// Sets the verdict cache's capacity (flows).
     pub fn max_verdict_cache(mut self, n: u32) -> Self {
         self.max_verdict_cache = n;
@@ -294,6 +306,7 @@ impl DatapathOptions {
             ("max_endpoints", self.max_endpoints),
             ("max_policies", self.max_policies),
             ("max_verdict_cache", self.max_verdict_cache),
+            ("max_conntrack", self.max_conntrack),
             ("max_auth", self.max_auth),
         ] {
             if !(2..=1 << 24).contains(&v) {
@@ -316,6 +329,7 @@ impl DatapathOptions {
             | "meshpath_identities" => Some(self.max_endpoints),
             "meshpath_policy_0" | "meshpath_policy_1" => Some(self.max_policies),
             "meshpath_verdict_cache" => Some(self.max_verdict_cache),
+            "meshpath_ct" => Some(self.max_conntrack),
             "meshpath_events" => Some(self.event_ring_bytes),
             "meshpath_auth" => Some(self.max_auth),
             _ => None,

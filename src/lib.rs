@@ -27,6 +27,7 @@ mod attach;
 pub mod auth;
 pub mod bpffs;
 pub mod cgroup;
+mod conntrack;
 mod datapath;
 mod diag;
 mod error;
@@ -46,6 +47,7 @@ pub use attach::CgroupAttachment;
 #[cfg(feature = "tokio")]
 pub use auth::AuthSignalStream;
 pub use auth::{AuthKey, AuthSignal, AuthSignalReader, CertInfo};
+pub use conntrack::TrackedFlow;
 pub use datapath::{
     AdoptedSocket, AttachOptions, Datapath, DatapathOptions, EnrollOutcome, EnrollReport, PortSide,
 };

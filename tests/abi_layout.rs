@@ -256,6 +256,21 @@ fn verdict_cache_layouts() {
 }
 
 #[test]
+fn conntrack_layouts() {
+    check(
+        "mp_ct_key",
+        rust_layout!(
+            meshpath::abi::CtKey,
+            [saddr, daddr, sport, dport, proto, pad]
+        ),
+    );
+    check(
+        "mp_ct_value",
+        rust_layout!(meshpath::abi::CtValue, [expires_ns, judged, flags, pad]),
+    );
+}
+
+#[test]
 fn identity_name_layout() {
     check(
         "mp_identity_name",

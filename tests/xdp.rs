@@ -8,6 +8,7 @@ mod common;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
+use common::packets::*;
 use common::require_root;
 use meshpath::policy::{DefaultAction, Endpoint, PolicyState, Rule};
 use meshpath::{
@@ -71,85 +72,6 @@ fn allow_all_state() -> PolicyState {
 // Packet builder. Checksums are left zero: XDP does not verify them.
 // ---------------------------------------------------------------------
 
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_ARP: u16 = 0x0806;
-const ETH_P_IPV6: u16 = 0x86DD;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88A8;
-
-const P_HOPOPTS: u8 = 0;
-const P_ICMP: u8 = 1;
-const P_TCP: u8 = 6;
-const P_UDP: u8 = 17;
-const P_ROUTING: u8 = 43;
-const P_FRAGMENT: u8 = 44;
-const P_GRE: u8 = 47;
-const P_AH: u8 = 51;
-const P_ICMPV6: u8 = 58;
-const P_NONE: u8 = 59;
-const P_DSTOPTS: u8 = 60;
-
-const SYN: u8 = 0x02;
-const ACK: u8 = 0x10;
-
-/// Ethernet with VLAN tags (outermost first: (TPID, VLAN id)) and the
-/// final ethertype, followed by `payload`.
-fn eth_tagged(tags: &[(u16, u16)], ethertype: u16, payload: &[u8]) -> Vec<u8> {
-    let mut p = vec![0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01];
-    for (tpid, vid) in tags {
-        p.extend_from_slice(&tpid.to_be_bytes());
-        p.extend_from_slice(&vid.to_be_bytes());
-    }
-    p.extend_from_slice(&ethertype.to_be_bytes());
-    p.extend_from_slice(payload);
-    p
-}
-
-fn eth(ethertype: u16, payload: &[u8]) -> Vec<u8> {
-    eth_tagged(&[], ethertype, payload)
-}
-
-/// An IPv4 header with `options` (a multiple of 4 bytes), then `l4`.
-/// `frag` is the 16-bit flags + fragment offset field.
-fn ipv4_full(
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    proto: u8,
-    options: &[u8],
-    frag: u16,
-    l4: &[u8],
-) -> Vec<u8> {
-    assert_eq!(options.len() % 4, 0);
-    let hlen = 20 + options.len();
-    let total = (hlen + l4.len()) as u16;
-    let mut p = vec![0x40 | (hlen / 4) as u8, 0];
-    p.extend_from_slice(&total.to_be_bytes());
-    p.extend_from_slice(&[0x12, 0x34]); // id
-    p.extend_from_slice(&frag.to_be_bytes());
-    p.extend_from_slice(&[64, proto, 0, 0]); // ttl, protocol, checksum
-    p.extend_from_slice(&src.octets());
-    p.extend_from_slice(&dst.octets());
-    p.extend_from_slice(options);
-    p.extend_from_slice(l4);
-    p
-}
-
-fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4: &[u8]) -> Vec<u8> {
-    ipv4_full(src, dst, proto, &[], 0, l4)
-}
-
-/// An IPv6 header whose next header is `next`, then `rest` (extension
-/// headers and the upper layer).
-fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, next: u8, rest: &[u8]) -> Vec<u8> {
-    let mut p = vec![0x60, 0, 0, 0];
-    p.extend_from_slice(&(rest.len() as u16).to_be_bytes());
-    p.extend_from_slice(&[next, 64]);
-    p.extend_from_slice(&src.octets());
-    p.extend_from_slice(&dst.octets());
-    p.extend_from_slice(rest);
-    p
-}
-
 /// A hop-by-hop or destination options header of `len` bytes (a
 /// multiple of 8), padded with PadN.
 fn opts_hdr(next: u8, len: usize) -> Vec<u8> {
@@ -183,31 +105,6 @@ fn frag_hdr(next: u8, offset: u16, more: bool) -> Vec<u8> {
     h.extend_from_slice(&field.to_be_bytes());
     h.extend_from_slice(&0xabcd_0001u32.to_be_bytes());
     h
-}
-
-fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
-    let mut h = Vec::new();
-    h.extend_from_slice(&sport.to_be_bytes());
-    h.extend_from_slice(&dport.to_be_bytes());
-    h.extend_from_slice(&1000u32.to_be_bytes()); // seq
-    h.extend_from_slice(&(if flags & ACK != 0 { 2000u32 } else { 0 }).to_be_bytes());
-    h.extend_from_slice(&[5 << 4, flags, 0xff, 0xff, 0, 0, 0, 0]);
-    h
-}
-
-fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
-    let mut h = Vec::new();
-    h.extend_from_slice(&sport.to_be_bytes());
-    h.extend_from_slice(&dport.to_be_bytes());
-    h.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    h.extend_from_slice(&[0, 0]);
-    h.extend_from_slice(payload);
-    h
-}
-
-/// ICMP or ICMPv6 echo (request: type 8 / 128; reply: 0 / 129).
-fn icmp(ty: u8) -> Vec<u8> {
-    vec![ty, 0, 0, 0, 0x12, 0x34, 0, 1]
 }
 
 fn arp() -> Vec<u8> {
@@ -1145,6 +1042,10 @@ fn the_verdict_cache_never_serves_a_stale_or_auth_verdict() {
     assert_eq!(dp.verdict_cache_len().unwrap(), entries);
     dp.set_verdict_cache(true).unwrap();
     assert_eq!(dp.test_run_xdp(&other).unwrap(), XDP_PASS);
+    // `other` is a tracked flow now: its entry in meshpath_ct holds its
+    // judgement. A new flow is cached again.
+    let third = v4_tcp(C4, EPHEMERAL + 2, S4, TCP_PORT, SYN);
+    assert_eq!(dp.test_run_xdp(&third).unwrap(), XDP_PASS);
     assert_eq!(dp.verdict_cache_len().unwrap(), entries + 1);
 }
 

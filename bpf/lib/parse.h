@@ -16,22 +16,29 @@
 #define MESHPATH_BPF_PARSE_H
 
 #include "common.h"
+#include "ct.h"
 #include "sock.h"
 
-#define MP_ETH_P_IP	    0x0800
-#define MP_ETH_P_IPV6	    0x86DD
-#define MP_IPPROTO_HOPOPTS  0
-#define MP_IPPROTO_ICMP	    1
-#define MP_IPPROTO_TCP	    6
-#define MP_IPPROTO_UDP	    17
-#define MP_IPPROTO_ROUTING  43
-#define MP_IPPROTO_FRAGMENT 44
-#define MP_IPPROTO_AH	    51
-#define MP_IPPROTO_ICMPV6   58
-#define MP_IPPROTO_NONE	    59
-#define MP_IPPROTO_DSTOPTS  60
-#define MP_TCP_SYN	    0x02
-#define MP_TCP_ACK	    0x10
+#define MP_ETH_P_IP	     0x0800
+#define MP_ETH_P_IPV6	     0x86DD
+#define MP_IPPROTO_HOPOPTS   0
+#define MP_IPPROTO_ICMP	     1
+#define MP_IPPROTO_TCP	     6
+#define MP_IPPROTO_UDP	     17
+#define MP_IPPROTO_ROUTING   43
+#define MP_IPPROTO_FRAGMENT  44
+#define MP_IPPROTO_AH	     51
+#define MP_IPPROTO_ICMPV6    58
+#define MP_IPPROTO_NONE	     59
+#define MP_IPPROTO_DSTOPTS   60
+#define MP_TCP_FIN	     0x01
+#define MP_TCP_SYN	     0x02
+#define MP_TCP_RST	     0x04
+#define MP_TCP_ACK	     0x10
+#define MP_ICMP_ECHO_REPLY   0
+#define MP_ICMP_ECHO	     8
+#define MP_ICMPV6_ECHO	     128
+#define MP_ICMPV6_ECHO_REPLY 129
 /* IPv6 extension headers followed; a packet with more is MALFORMED. */
 #define MP_MAX_EXT_HDRS 8
 
@@ -45,12 +52,15 @@ enum mp_parse {
 struct mp_pkt {
 	__u32 saddr[4]; /* v4-mapped for IPv4, network order */
 	__u32 daddr[4];
-	__u16 sport; /* host order; 0 when the protocol has none */
+	/* host order; 0 when the protocol has none; ICMP echo and echo
+	 * reply: the identifier as sport (what pairs a reply with its
+	 * request), 0 as dport */
+	__u16 sport;
 	__u16 dport;
 	__u8 proto;	/* enum mp_proto for TCP/UDP/ICMP(v6), else IANA */
 	__u8 tcp_flags; /* TCP only */
 	__u8 ipv6;	/* 1 for IPv6 */
-	__u8 pad;
+	__u8 kind;	/* enum mp_pkt_kind */
 };
 
 /* The L4 header at `l4` of protocol `nexthdr`. */
@@ -69,6 +79,8 @@ MP_ALWAYS_INLINE int mp_parse_l4(void *l4, void *data_end, __u8 nexthdr,
 		p->sport = bpf_ntohs(th->source);
 		p->dport = bpf_ntohs(th->dest);
 		p->tcp_flags = ((__u8 *)th)[13];
+		if ((p->tcp_flags & (MP_TCP_SYN | MP_TCP_ACK)) == MP_TCP_SYN)
+			p->kind = MP_PKT_STARTS;
 		return MP_PARSE_OK;
 	}
 	case MP_IPPROTO_UDP: {
@@ -82,12 +94,28 @@ MP_ALWAYS_INLINE int mp_parse_l4(void *l4, void *data_end, __u8 nexthdr,
 		return MP_PARSE_OK;
 	}
 	case MP_IPPROTO_ICMP:
-	case MP_IPPROTO_ICMPV6:
+	case MP_IPPROTO_ICMPV6: {
+		__u8 *h = l4;
+		__u8 req =
+		    nexthdr == MP_IPPROTO_ICMP ? MP_ICMP_ECHO : MP_ICMPV6_ECHO;
+		__u8 rep = nexthdr == MP_IPPROTO_ICMP ? MP_ICMP_ECHO_REPLY
+						      : MP_ICMPV6_ECHO_REPLY;
+
 		/* type and code */
 		if (l4 + 4 > data_end)
 			return MP_PARSE_MALFORMED;
 		p->proto = MP_PROTO_ICMP;
+		if (h[0] != req && h[0] != rep) {
+			p->kind = MP_PKT_ALONE;
+			return MP_PARSE_OK;
+		}
+		/* Echo: identifier and sequence follow the checksum. */
+		if (l4 + 8 > data_end)
+			return MP_PARSE_MALFORMED;
+		p->sport = ((__u16)h[4] << 8) | h[5];
+		p->kind = h[0] == req ? MP_PKT_STARTS : MP_PKT_REPLY;
 		return MP_PARSE_OK;
+	}
 	default:
 		p->proto = nexthdr;
 		return MP_PARSE_OK;

@@ -21,6 +21,7 @@
 
 #include "auth.h"
 #include "common.h"
+#include "ct.h"
 #include "endpoint.h"
 #include "settings.h"
 #include "sock.h"
@@ -331,29 +332,77 @@ MP_ALWAYS_INLINE void mp_judgement_of_cached(struct mp_judgement *j,
 	j->auth_expiry = 0;
 }
 
+/* The judgement of `j` as the verdict cache and meshpath_ct keep it. */
+MP_ALWAYS_INLINE void mp_cached_of(struct mp_vcache_value *c, __u32 gen,
+				   const struct mp_judgement *j)
+{
+	c->gen = gen;
+	c->src_id = j->src_id;
+	c->dst_id = j->dst_id;
+	c->rule = j->rule;
+	c->verdict = j->verdict;
+	c->matched = j->matched;
+	c->is_reply = 0;
+	c->pad = 0;
+}
+
 /*
- * Judges one packet from saddr:sport to daddr:dport, without connection
- * tracking: it passes when the flow it starts is allowed (saddr ->
- * daddr:dport), or when it can be a reply in a flow that is (daddr ->
- * saddr:sport).  A TCP SYN without ACK only starts flows.  ICMP has no
- * ports (0): an echo reply passes when the echo request would.  `local`
- * says which end of the packet is on this node.  Counted at `point`.
- *
- * The judgement is remembered in the verdict cache (lib/vcache.h) for the
- * policy generation it was made under, unless an `auth` rule took part;
- * later packets of the flow take it from there.
+ * Judges the flow saddr -> daddr:dport (its original direction) for a
+ * packet of it: from its entry's judgement when that was made under the
+ * live generation (and the verdict cache is on, and no `auth` rule takes
+ * part), else in full, and the entry then remembers the new judgement.
  */
-MP_ALWAYS_INLINE void
-mp_policy_packet_j(__u64 word, __u32 point, __u32 local, const __u32 saddr[4],
-		   const __u32 daddr[4], __u8 proto, __u16 sport, __u16 dport,
-		   bool starts_only, struct mp_judgement *j)
+MP_ALWAYS_INLINE void mp_ct_judge(__u64 word, __u32 point, __u32 local,
+				  const struct mp_ct_key *k,
+				  struct mp_ct_value *ct, bool cache,
+				  struct mp_judgement *j)
+{
+	struct mp_ct_value upd;
+	bool auth;
+
+	if (cache && ct->judged.gen == mp_policy_gen(word) &&
+	    !(ct->flags & MP_CT_F_AUTH)) {
+		mp_judgement_of_cached(j, &ct->judged);
+		return;
+	}
+	mp_policy_judge_j(word, point, local, k->saddr, k->daddr, k->proto,
+			  k->dport, j);
+	auth = j->verdict == MP_V_AUTH_REQUIRED || j->auth_expiry;
+	/* Replaced whole (an LRU hash update swaps the element), so that a
+	 * reader on another CPU never sees half of it. */
+	upd = *ct;
+	mp_cached_of(&upd.judged, mp_policy_gen(word), j);
+	upd.flags = auth ? upd.flags | MP_CT_F_AUTH : upd.flags & ~MP_CT_F_AUTH;
+	bpf_map_update_elem(&meshpath_ct, k, &upd, BPF_EXIST);
+}
+
+/*
+ * Judges one packet from saddr:sport to daddr:dport, with connection
+ * tracking (lib/ct.h): a packet of a tracked flow, in either direction,
+ * passes while policy allows the flow's original direction; any other
+ * packet is judged as a new flow in its own direction, and enters
+ * meshpath_ct when it passes and can start one (`kind`, enum
+ * mp_pkt_kind).  ICMP has no ports: an echo is tracked by its identifier
+ * (`sport`), an ICMP error is judged on its own.  `local` says which end
+ * of the packet is on this node.  Counted at `point`.
+ *
+ * New flows' judgements are remembered in the verdict cache
+ * (lib/vcache.h) for the policy generation they were made under, unless
+ * an `auth` rule took part; tracked flows keep theirs in their entry.
+ */
+MP_ALWAYS_INLINE void mp_policy_packet_j(__u64 word, __u32 point, __u32 local,
+					 const __u32 saddr[4],
+					 const __u32 daddr[4], __u8 proto,
+					 __u16 sport, __u16 dport, __u8 kind,
+					 __u8 tcp_flags, struct mp_judgement *j)
 {
 	struct mp_vcache_value *hit, put;
 	struct mp_vcache_key ck;
-	struct mp_decision rev;
-	__u64 rev_expiry = 0;
+	struct mp_ct_value *ct;
+	struct mp_ct_key k;
+	__u64 now;
 	bool cache, auth;
-	__u32 v;
+	__u32 id;
 
 	if (!mp_policy_on(word)) {
 		mp_policy_judge_j(word, point, local, saddr, daddr, proto,
@@ -361,44 +410,68 @@ mp_policy_packet_j(__u64 word, __u32 point, __u32 local, const __u32 saddr[4],
 		return;
 	}
 	cache = mp_vcache_on();
-	if (cache) {
-		mp_vcache_key_of(&ck, saddr, daddr, proto, sport, dport,
-				 starts_only);
-		hit = mp_vcache_get(&ck, mp_policy_gen(word));
-		if (hit) {
-			mp_judgement_of_cached(j, hit);
+	now = bpf_ktime_get_ns();
+	if (kind != MP_PKT_ALONE) {
+		/* A packet of a flow it belongs to, original direction. */
+		mp_ct_key_of(&k, saddr, daddr, proto, sport, dport);
+		ct = kind != MP_PKT_REPLY ? mp_ct_get(&k, now) : NULL;
+		if (ct) {
+			mp_ct_judge(word, point, local, &k, ct, cache, j);
+			if (mp_verdict_passes(j->verdict))
+				mp_ct_touch(ct, proto, tcp_flags, false, now);
+			mp_verdict_count(point, j->verdict);
+			return;
+		}
+		/* A reply in a tracked flow: judged as that flow.  An ICMP
+		 * echo reply carries its request's identifier as it was. */
+		if (proto == MP_PROTO_ICMP)
+			mp_ct_key_of(&k, daddr, saddr, proto, sport, dport);
+		else
+			mp_ct_key_of(&k, daddr, saddr, proto, dport, sport);
+		ct = kind != MP_PKT_STARTS ? mp_ct_get(&k, now) : NULL;
+		if (ct) {
+			/* In the flow the ends swap: so does the local one. */
+			mp_ct_judge(word, point, local ^ 1, &k, ct, cache, j);
+			/* Reported as this packet travels. */
+			id = j->src_id;
+			j->src_id = j->dst_id;
+			j->dst_id = id;
+			id = j->src_node;
+			j->src_node = j->dst_node;
+			j->dst_node = id;
+			j->is_reply = 1;
+			if (mp_verdict_passes(j->verdict))
+				mp_ct_touch(ct, proto, tcp_flags, true, now);
 			mp_verdict_count(point, j->verdict);
 			return;
 		}
 	}
-	mp_policy_judge_j(word, point, local, saddr, daddr, proto, dport, j);
-	auth = j->verdict == MP_V_AUTH_REQUIRED || j->auth_expiry;
-	if (!mp_verdict_passes(j->verdict) && !starts_only) {
-		rev =
-		    mp_policy_decide(word, j->dst_id, j->src_id, proto, sport);
-		auth = auth || rev.action == MP_ACTION_AUTH;
-		/* In the reply's flow the ends swap: so does the local one. */
-		v = mp_verdict_for(rev.action, point, local ^ 1, j->dst_id,
-				   j->src_id, j->dst_node, j->src_node,
-				   &rev_expiry);
-		if (mp_verdict_passes(v)) {
-			j->verdict = v;
-			j->matched = rev.matched;
-			j->rule = rev.rule;
-			j->is_reply = 1;
-			j->auth_expiry = rev_expiry;
+	/* A new flow, in this packet's direction. */
+	if (cache) {
+		mp_vcache_key_of(&ck, saddr, daddr, proto, sport, dport,
+				 kind == MP_PKT_STARTS);
+		hit = mp_vcache_get(&ck, mp_policy_gen(word));
+		if (hit) {
+			mp_judgement_of_cached(j, hit);
+			goto judged;
 		}
 	}
+	mp_policy_judge_j(word, point, local, saddr, daddr, proto, dport, j);
+	auth = j->verdict == MP_V_AUTH_REQUIRED || j->auth_expiry;
 	if (cache && !auth) {
-		put.gen = mp_policy_gen(word);
-		put.src_id = j->src_id;
-		put.dst_id = j->dst_id;
-		put.rule = j->rule;
-		put.verdict = j->verdict;
-		put.matched = j->matched;
-		put.is_reply = j->is_reply;
-		put.pad = 0;
+		mp_cached_of(&put, mp_policy_gen(word), j);
 		mp_vcache_put(&ck, &put);
+	}
+judged:
+	if (mp_verdict_passes(j->verdict) &&
+	    (kind == MP_PKT_ANY || kind == MP_PKT_STARTS)) {
+		mp_ct_key_of(&k, saddr, daddr, proto, sport, dport);
+		mp_cached_of(&put, mp_policy_gen(word), j);
+		mp_ct_create(&k, &put,
+			     j->verdict == MP_V_AUTH_REQUIRED || j->auth_expiry
+				 ? MP_CT_F_AUTH
+				 : 0,
+			     now);
 	}
 	mp_verdict_count(point, j->verdict);
 }
@@ -407,13 +480,13 @@ mp_policy_packet_j(__u64 word, __u32 point, __u32 local, const __u32 saddr[4],
 MP_ALWAYS_INLINE __u32 mp_policy_packet(__u64 word, __u32 point, __u32 local,
 					const __u32 saddr[4],
 					const __u32 daddr[4], __u8 proto,
-					__u16 sport, __u16 dport,
-					bool starts_only)
+					__u16 sport, __u16 dport, __u8 kind,
+					__u8 tcp_flags)
 {
 	struct mp_judgement j;
 
 	mp_policy_packet_j(word, point, local, saddr, daddr, proto, sport,
-			   dport, starts_only, &j);
+			   dport, kind, tcp_flags, &j);
 	return j.verdict;
 }
 
@@ -435,6 +508,36 @@ MP_ALWAYS_INLINE void mp_policy_sock_flow_j(__u64 word,
 		mp_policy_judge_j(word, MP_POINT_SHORTCIRCUIT, MP_LOCAL_DST,
 				  k->remote_ip, k->local_ip, MP_PROTO_TCP,
 				  k->local_port, j);
+}
+
+/*
+ * Enters the established TCP connection of the socket keyed `k` into
+ * meshpath_ct when policy allows it (`j`, from mp_policy_sock_flow_j): the
+ * socket iterators do it for connections that existed before a policy was
+ * in force, or before their cgroup was attached, so that their replies
+ * pass.  An entry already there is left as it is.
+ */
+MP_ALWAYS_INLINE void mp_ct_track_sock(__u64 word, const struct mp_sock_key *k,
+				       bool client,
+				       const struct mp_judgement *j)
+{
+	struct mp_ct_value v = {};
+	struct mp_ct_key ck;
+
+	if (!mp_verdict_passes(j->verdict))
+		return;
+	if (client)
+		mp_ct_key_of(&ck, k->local_ip, k->remote_ip, MP_PROTO_TCP,
+			     k->local_port, k->remote_port);
+	else
+		mp_ct_key_of(&ck, k->remote_ip, k->local_ip, MP_PROTO_TCP,
+			     k->remote_port, k->local_port);
+	mp_cached_of(&v.judged, mp_policy_gen(word), j);
+	v.flags = MP_CT_F_REPLIED;
+	if (j->auth_expiry)
+		v.flags |= MP_CT_F_AUTH;
+	v.expires_ns = bpf_ktime_get_ns() + MP_CT_TCP_S * MP_NS_PER_S;
+	bpf_map_update_elem(&meshpath_ct, &ck, &v, BPF_NOEXIST);
 }
 
 #endif /* MESHPATH_BPF_POLICY_H */

@@ -392,6 +392,45 @@ struct mp_vcache_value {
 };
 
 /*
+ * Key of meshpath_ct (LRU_HASH): a flow that policy allowed, as the
+ * packet that started it had it (the direction that was judged).
+ * Addresses v4-mapped, network order; ports in host order; ICMP echo: the
+ * identifier as sport, 0 as dport.
+ */
+struct mp_ct_key {
+	__u32 saddr[4];
+	__u32 daddr[4];
+	__u16 sport;
+	__u16 dport;
+	__u8 proto; /* enum mp_proto */
+	__u8 pad[3];
+};
+
+/* Value of meshpath_ct: the flow's lifetime and its judgement under the
+ * policy generation `judged.gen` (re-judged under any other). */
+struct mp_ct_value {
+	__u64 expires_ns; /* bpf_ktime_get_ns() deadline, moved by packets */
+	struct mp_vcache_value judged; /* its original direction's judgement */
+	__u8 flags;		       /* enum mp_ct_flags */
+	__u8 pad[3];
+};
+
+enum mp_ct_flags {
+	MP_CT_F_REPLIED = 1 << 0, /* a reply was seen */
+	MP_CT_F_CLOSING = 1 << 1, /* TCP FIN or RST seen */
+	MP_CT_F_AUTH = 1 << 2,	  /* an `auth` rule decides: never cached */
+};
+
+/* Lifetimes of meshpath_ct entries since their flow's last packet, in
+ * seconds (Cilium's defaults for the TCP ones). */
+enum mp_ct_lifetime {
+	MP_CT_TCP_S = 21600,	  /* TCP, replied */
+	MP_CT_TCP_OPENING_S = 60, /* TCP, no reply seen yet */
+	MP_CT_TCP_CLOSING_S = 10, /* TCP after FIN or RST */
+	MP_CT_DATAGRAM_S = 60,	  /* UDP, ICMP echo, other protocols */
+};
+
+/*
  * A policy key has four fields that may each be a wildcard: 16 shapes.
  * Bit n of meshpath_policy_shapes[epoch] is set when some rule has shape
  * n (bit 0 set: source given; 1: destination; 2: port; 3: protocol), so
@@ -538,6 +577,10 @@ struct mp_abi_anchor {
 	enum mp_enroll_outcome enroll_outcome;
 	struct mp_enroll_record enroll_record;
 	enum mp_enroll_flags enroll_flags;
+	struct mp_ct_key ct_key;
+	struct mp_ct_value ct_value;
+	enum mp_ct_flags ct_flags;
+	enum mp_ct_lifetime ct_lifetime;
 	enum mp_counter counter;
 	enum mp_dir_mode dir_mode;
 	enum mp_sock_reason reason;

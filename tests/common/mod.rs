@@ -13,6 +13,7 @@
 #![allow(dead_code)]
 
 pub mod agent;
+pub mod packets;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
