@@ -55,6 +55,15 @@ pub(crate) struct Args {
     )]
     pub(crate) max_sockets: Option<u32>,
 
+    /// Capacity of the connection-tracking map (flows; least recently used
+    /// evicted first). Default 65,536.
+    #[arg(
+        long = "max-conntrack",
+        value_name = "N",
+        value_parser = clap::value_parser!(u32).range(2..=16_777_216)
+    )]
+    pub(crate) max_conntrack: Option<u32>,
+
     /// Attach, but enroll no socket: every connection stays on TCP.
     #[arg(long = "no-short-circuit")]
     pub(crate) no_short_circuit: bool,

@@ -67,6 +67,9 @@ pub(crate) fn load_datapath(args: &Args) -> anyhow::Result<Datapath> {
     if let Some(n) = args.max_sockets {
         opts = opts.max_sockets(n);
     }
+    if let Some(n) = args.max_conntrack {
+        opts = opts.max_conntrack(n);
+    }
     if args.no_short_circuit {
         opts = opts.short_circuit(false);
     }
