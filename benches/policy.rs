@@ -154,13 +154,15 @@ enum XdpCase {
     DenyHit,
     MissDeny,
     MissAllow,
+    Reply,
 }
 
 impl XdpCase {
-    const ALL: [XdpCase; 6] = [
+    const ALL: [XdpCase; 7] = [
         XdpCase::Off,
         XdpCase::NotIp,
         XdpCase::AllowHit,
+        XdpCase::Reply,
         XdpCase::DenyHit,
         XdpCase::MissDeny,
         XdpCase::MissAllow,
@@ -174,6 +176,7 @@ impl XdpCase {
             XdpCase::DenyHit => "hit-drop",
             XdpCase::MissDeny => "miss-drop",
             XdpCase::MissAllow => "miss-pass",
+            XdpCase::Reply => "reply-pass",
         }
     }
 
@@ -186,7 +189,10 @@ impl XdpCase {
         match self {
             XdpCase::Off => "policy off (pass, nothing looked up)",
             XdpCase::NotIp => "ARP, not IP (pass)",
-            XdpCase::AllowHit => "UDP allowed by a rule (hit, pass)",
+            XdpCase::AllowHit => {
+                "UDP allowed by a rule (hit, pass; a tracked flow after the first)"
+            }
+            XdpCase::Reply => "UDP reply in that tracked flow (pass)",
             XdpCase::DenyHit => "UDP denied by a rule (hit, drop)",
             XdpCase::MissDeny => "UDP, no rule, default deny (miss, drop)",
             XdpCase::MissAllow => "UDP, no rule, default allow (miss, pass)",
@@ -314,6 +320,7 @@ struct Frames {
     allowed: Vec<u8>,
     denied: Vec<u8>,
     unmatched: Vec<u8>,
+    reply: Vec<u8>,
     arp: Vec<u8>,
 }
 
@@ -386,6 +393,7 @@ impl Bench {
                 allowed: frame::udp4([198, 18, 0, 1], 40000, [198, 18, 0, 2], 53),
                 denied: frame::udp4([198, 18, 0, 1], 40000, [198, 18, 0, 2], 9),
                 unmatched: frame::udp4([198, 18, 0, 1], 40000, [198, 18, 0, 2], 7777),
+                reply: frame::udp4([198, 18, 0, 2], 53, [198, 18, 0, 1], 40000),
                 arp: frame::arp(),
             },
         };
@@ -414,8 +422,13 @@ impl Bench {
             XdpCase::DenyHit => (&self.dp, &f.denied, XDP_DROP),
             XdpCase::MissDeny => (&self.dp, &f.unmatched, XDP_DROP),
             XdpCase::MissAllow => (&self.dp_allow, &f.unmatched, XDP_PASS),
+            XdpCase::Reply => (&self.dp, &f.reply, XDP_PASS),
         };
         dp.set_verdict_cache(cached)?;
+        if case == XdpCase::Reply {
+            // The flow it answers, tracked (meshpath_ct).
+            dp.test_run_xdp(&f.allowed)?;
+        }
         let (action, per_run) = dp.test_run_xdp_repeat(frame, repeat)?;
         if action != want {
             bail!("XDP case {} returned {action}, expected {want}", case.id());
@@ -738,8 +751,8 @@ impl Summary {
         println!();
         println!(
             "| XDP program, 60-byte frame (BPF_PROG_TEST_RUN, kernel time per run), ns per packet \
-             | judged in full (verdict cache off; a flow's first packet) | verdict cache hit \
-             (the flow's later packets) |"
+             | judged in full (verdict cache off; a flow's first packet) | cached: verdict cache \
+             or tracked flow (the flow's later packets) |"
         );
         println!("|---|---:|---:|");
         for case in XdpCase::ALL {
