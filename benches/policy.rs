@@ -426,7 +426,7 @@ impl Bench {
         };
         dp.set_verdict_cache(cached)?;
         if case == XdpCase::Reply {
-            // The flow it answers, tracked (meshpath_ct).
+            // The flow it answers, tracked (meshpath_ct_v2).
             dp.test_run_xdp(&f.allowed)?;
         }
         let (action, per_run) = dp.test_run_xdp_repeat(frame, repeat)?;

@@ -8,7 +8,7 @@
  * tracking (lib/ct.h), a packet passes when policy allows the flow it
  * starts or when it belongs to a tracked flow that policy still allows.
  * Replies to flows that workloads behind this device started are tracked
- * by the cgroup_skb egress of their (attached) cgroups: meshpath_ct is
+ * by the cgroup_skb egress of their (attached) cgroups: meshpath_ct_v2 is
  * one map for every hook.
  *
  * Verdicts (counted at MP_POINT_XDP in meshpath_verdicts; see also

@@ -21,9 +21,9 @@ use crate::stats::Point;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AuthKey {
     /// The identity number of the workload on this node.
-    pub local: u32,
+    pub local: u64,
     /// The identity number of the peer.
-    pub remote: u32,
+    pub remote: u64,
     /// The peer's node number (`NodeName::number`), 0 for this node.
     pub remote_node: u32,
 }
@@ -109,7 +109,7 @@ impl Datapath {
             expiry_ns: to_monotonic(until)?,
         };
         self.maps()
-            .typed::<RawKey, AuthValue>("meshpath_auth")?
+            .typed::<RawKey, AuthValue>("meshpath_auth_v2")?
             .update(&key.raw(), &v, || format!("auth entry {key:?}"))
     }
 
@@ -119,7 +119,7 @@ impl Datapath {
     pub fn auth_delete(&self, key: AuthKey) -> Result<bool> {
         let gone = self
             .maps()
-            .typed::<RawKey, AuthValue>("meshpath_auth")?
+            .typed::<RawKey, AuthValue>("meshpath_auth_v2")?
             .delete(&key.raw())?;
         if gone {
             self.auth_changed()?;
@@ -129,7 +129,7 @@ impl Datapath {
 
     /// Every entry with its expiry (entries already expired included).
     pub fn auth_entries(&self) -> Result<Vec<(AuthKey, SystemTime)>> {
-        let m = self.maps().typed::<RawKey, AuthValue>("meshpath_auth")?;
+        let m = self.maps().typed::<RawKey, AuthValue>("meshpath_auth_v2")?;
         let mut out = Vec::new();
         for k in m.keys()? {
             if let Some(v) = m.lookup(&k)? {
@@ -142,14 +142,14 @@ impl Datapath {
 
     /// Revokes an identity: removes every entry it is in, locally or
     /// remotely, and cuts the flows that relied on them. How many.
-    pub fn auth_revoke_identity(&self, identity: u32) -> Result<usize> {
+    pub fn auth_revoke_identity(&self, identity: u64) -> Result<usize> {
         self.auth_remove_where(|k| k.local == identity || k.remote == identity)
     }
 
     /// Removes entries that have expired (the datapath already ignores
     /// them). How many.
     pub fn auth_sweep_expired(&self) -> Result<usize> {
-        let m = self.maps().typed::<RawKey, AuthValue>("meshpath_auth")?;
+        let m = self.maps().typed::<RawKey, AuthValue>("meshpath_auth_v2")?;
         let (_, now) = clocks();
         let mut n = 0;
         for k in m.keys()? {
@@ -163,7 +163,7 @@ impl Datapath {
     }
 
     fn auth_remove_where(&self, pred: impl Fn(&AuthKey) -> bool) -> Result<usize> {
-        let m = self.maps().typed::<RawKey, AuthValue>("meshpath_auth")?;
+        let m = self.maps().typed::<RawKey, AuthValue>("meshpath_auth_v2")?;
         let mut n = 0;
         for k in m.keys()? {
             if pred(&AuthKey::from_raw(&k)) && m.delete(&k)? {
@@ -195,9 +195,9 @@ impl Datapath {
         }
         let ring = self
             .maps()
-            .get("meshpath_auth_signals")
+            .get("meshpath_auth_signals_v2")
             .ok_or_else(|| Error::invalid("datapath", "auth signal map missing"))
-            .and_then(|m| Ring::new("meshpath_auth_signals", m.fd.as_fd()));
+            .and_then(|m| Ring::new("meshpath_auth_signals_v2", m.fd.as_fd()));
         match ring {
             Ok(ring) => Ok(AuthSignalReader {
                 ring,
@@ -211,7 +211,7 @@ impl Datapath {
     }
 
     /// Binds a local identity to the certificate that proves it.
-    pub fn set_certificate(&self, identity: u32, cert: &CertInfo) -> Result<()> {
+    pub fn set_certificate(&self, identity: u64, cert: &CertInfo) -> Result<()> {
         if cert.serial.is_empty() || cert.serial.len() > 20 {
             return Err(Error::invalid(
                 "certificate serial",
@@ -229,22 +229,22 @@ impl Datapath {
         };
         raw.serial[..cert.serial.len()].copy_from_slice(&cert.serial);
         self.maps()
-            .typed::<u32, RawCert>("meshpath_certs")?
+            .typed::<u64, RawCert>("meshpath_certs_v2")?
             .update(&identity, &raw, || {
                 format!("certificate of identity {identity}")
             })
     }
 
     /// Unbinds a local identity's certificate. Whether it was bound.
-    pub fn remove_certificate(&self, identity: u32) -> Result<bool> {
+    pub fn remove_certificate(&self, identity: u64) -> Result<bool> {
         self.maps()
-            .typed::<u32, RawCert>("meshpath_certs")?
+            .typed::<u64, RawCert>("meshpath_certs_v2")?
             .delete(&identity)
     }
 
     /// Every local identity's certificate.
-    pub fn certificates(&self) -> Result<Vec<(u32, CertInfo)>> {
-        let m = self.maps().typed::<u32, RawCert>("meshpath_certs")?;
+    pub fn certificates(&self) -> Result<Vec<(u64, CertInfo)>> {
+        let m = self.maps().typed::<u64, RawCert>("meshpath_certs_v2")?;
         let mut out = Vec::new();
         for id in m.keys()? {
             if let Some(c) = m.lookup(&id)? {

@@ -55,7 +55,7 @@ impl Datapath {
         let now = monotonic_ns();
         Ok(self
             .maps()
-            .typed::<CtKey, CtValue>("meshpath_ct")?
+            .typed::<CtKey, CtValue>("meshpath_ct_v2")?
             .entries()?
             .iter()
             .map(|(k, v)| TrackedFlow::of(k, v, now))

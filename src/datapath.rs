@@ -62,24 +62,24 @@ pub(crate) const KNOWN_MAPS: &[&str] = &[
     "meshpath_local_nets",
     "meshpath_settings",
     "meshpath_counters",
-    "meshpath_endpoints_0",
-    "meshpath_endpoints_1",
-    "meshpath_hosts_0",
-    "meshpath_hosts_1",
-    "meshpath_policy_0",
-    "meshpath_policy_1",
+    "meshpath_endpoints_v2_0",
+    "meshpath_endpoints_v2_1",
+    "meshpath_hosts_v2_0",
+    "meshpath_hosts_v2_1",
+    "meshpath_policy_v2_0",
+    "meshpath_policy_v2_1",
     "meshpath_policy_shapes",
-    "meshpath_verdict_cache",
-    "meshpath_ct",
-    "meshpath_identities",
+    "meshpath_verdict_cache_v2",
+    "meshpath_ct_v2",
+    "meshpath_identities_v2",
     "meshpath_verdicts",
-    "meshpath_events",
+    "meshpath_events_v2",
     "meshpath_event_agg",
-    "meshpath_auth",
-    "meshpath_auth_signals",
-    "meshpath_auth_pending",
+    "meshpath_auth_v2",
+    "meshpath_auth_signals_v2",
+    "meshpath_auth_pending_v2",
     "meshpath_auth_rate",
-    "meshpath_certs",
+    "meshpath_certs_v2",
     "meshpath_cgroups",
 ];
 
@@ -155,6 +155,12 @@ pub struct DatapathOptions {
     /// (default false). Kernels before 6.5 always take this path
     /// ([`KernelQuirks::sock_destroy_kfunc`]).
     pub reset_by_sock_diag: bool,
+    /// The key identity numbers are derived with
+    /// ([`crate::policy::IdentityKey`]): every node of a cluster must use
+    /// the same one, and keep it secret. Default: the public default key,
+    /// which is **not secure** (anyone can search two workload names with
+    /// one number offline).
+    pub identity_key: crate::policy::IdentityKey,
 }
 
 impl Default for DatapathOptions {
@@ -179,6 +185,7 @@ impl Default for DatapathOptions {
             auth_signal_rate: 1000,
             adopt_settle: std::time::Duration::from_secs(1),
             reset_by_sock_diag: false,
+            identity_key: crate::policy::IdentityKey::default(),
         }
     }
 }
@@ -263,6 +270,13 @@ impl DatapathOptions {
         self
     }
 
+    /// Sets the key identity numbers are derived with (see
+    /// [`DatapathOptions::identity_key`]).
+    pub fn identity_key(mut self, key: crate::policy::IdentityKey) -> Self {
+        self.identity_key = key;
+        self
+    }
+
     /// Pins the maps under `dir` (on bpffs).
     pub fn pin_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.pin_dir = Some(dir.into());
@@ -322,16 +336,16 @@ impl DatapathOptions {
     fn max_entries_for(&self, map: &str) -> Option<u32> {
         match map {
             "meshpath_sockets" | "meshpath_sock_index" => Some(self.max_sockets),
-            "meshpath_endpoints_0"
-            | "meshpath_endpoints_1"
-            | "meshpath_hosts_0"
-            | "meshpath_hosts_1"
-            | "meshpath_identities" => Some(self.max_endpoints),
-            "meshpath_policy_0" | "meshpath_policy_1" => Some(self.max_policies),
-            "meshpath_verdict_cache" => Some(self.max_verdict_cache),
-            "meshpath_ct" => Some(self.max_conntrack),
-            "meshpath_events" => Some(self.event_ring_bytes),
-            "meshpath_auth" => Some(self.max_auth),
+            "meshpath_endpoints_v2_0"
+            | "meshpath_endpoints_v2_1"
+            | "meshpath_hosts_v2_0"
+            | "meshpath_hosts_v2_1"
+            | "meshpath_identities_v2" => Some(self.max_endpoints),
+            "meshpath_policy_v2_0" | "meshpath_policy_v2_1" => Some(self.max_policies),
+            "meshpath_verdict_cache_v2" => Some(self.max_verdict_cache),
+            "meshpath_ct_v2" => Some(self.max_conntrack),
+            "meshpath_events_v2" => Some(self.event_ring_bytes),
+            "meshpath_auth_v2" => Some(self.max_auth),
             _ => None,
         }
     }
@@ -377,6 +391,8 @@ pub(crate) struct Inner {
     pub(crate) settings_lock: std::sync::Mutex<()>,
     /// The desired policy state and its compiled form (policy.rs).
     pub(crate) policy: std::sync::Mutex<crate::policy::PolicySlot>,
+    /// The key identity numbers are derived with.
+    pub(crate) identity_key: crate::policy::IdentityKey,
     /// Whether a flow reader is open (the ring buffer has one consumer).
     pub(crate) flow_reader: std::sync::atomic::AtomicBool,
     /// Whether an auth signal reader is open.
@@ -531,6 +547,7 @@ impl Datapath {
             attached: Default::default(),
             settings_lock: Default::default(),
             policy: Default::default(),
+            identity_key: opts.identity_key.clone(),
             flow_reader: Default::default(),
             auth_reader: Default::default(),
             diag_resets: Default::default(),
@@ -1350,11 +1367,10 @@ fn check_pinned(
 }
 
 /// Layout versions of pinned state this build adopts besides its own,
-/// and migrates with its first policy change: version 2 kept
-/// single-address endpoints in the tries, where this build's programs
-/// still look when an address is not in the host hash, and its other
-/// layouts are this build's.
-const MIGRATED_ABI_VERSIONS: &[u32] = &[2];
+/// and migrates with its first policy change. None: versions 2 and 3
+/// (and their programs, which may still run from pinned links) keyed
+/// identities on 32-bit numbers.
+const MIGRATED_ABI_VERSIONS: &[u32] = &[];
 
 fn check_pinned_version(path: &Path, maps: &MapSet) -> Result<()> {
     let s = read_settings(maps)?;
@@ -1362,10 +1378,17 @@ fn check_pinned_version(path: &Path, maps: &MapSet) -> Result<()> {
         && s.abi_version != ABI_VERSION
         && !MIGRATED_ABI_VERSIONS.contains(&s.abi_version)
     {
+        let why = if s.abi_version < 4 {
+            " (32-bit identity numbers; this build's are 64-bit, in maps of other names)"
+        } else {
+            ""
+        };
         return Err(Error::Pinned {
             path: path.to_path_buf(),
             reason: format!(
-                "written by layout version {}, this build uses {ABI_VERSION}",
+                "written by layout version {}{why}, this build uses {ABI_VERSION}: the pins \
+                 come from an incompatible version; remove them (agent --cleanup) or use \
+                 another pin directory",
                 s.abi_version
             ),
         });

@@ -114,7 +114,7 @@ pub enum Error {
     #[error("identities {first} and {second} both derive the number {number}: rename one of them")]
     IdentityCollision {
         /// The shared number.
-        number: u32,
+        number: u64,
         /// The name known first.
         first: String,
         /// The name refused.

@@ -93,9 +93,9 @@ pub struct Flow {
     /// Whether the addresses are IPv6 (v4-mapped addresses are not).
     pub ipv6: bool,
     /// Source identity number (0 while no policy is set).
-    pub source_identity: u32,
+    pub source_identity: u64,
     /// Destination identity number.
-    pub destination_identity: u32,
+    pub destination_identity: u64,
     /// Source identity name, when the datapath knows it.
     pub source_name: Option<String>,
     /// Destination identity name.
@@ -209,7 +209,7 @@ impl Flow {
             .time
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default();
-        let endpoint = |id: u32, name: &Option<String>| {
+        let endpoint = |id: u64, name: &Option<String>| {
             let mut labels = Vec::new();
             match id {
                 1 => labels.push("reserved:host".to_string()),
@@ -358,7 +358,7 @@ fn interface_name(ifindex: u32) -> Option<String> {
 pub struct FlowReader {
     ring: Ring<FlowEvent>,
     dp: Datapath,
-    names: HashMap<u32, Option<String>>,
+    names: HashMap<u64, Option<String>>,
     /// CLOCK_REALTIME - CLOCK_MONOTONIC, in ns, when the reader was made.
     wall_offset_ns: i128,
 }
@@ -390,9 +390,9 @@ impl Datapath {
         let made = (|| {
             let m = self
                 .maps()
-                .get("meshpath_events")
+                .get("meshpath_events_v2")
                 .ok_or_else(|| Error::invalid("datapath", "events map missing"))?;
-            let ring = Ring::new("meshpath_events", m.fd.as_fd())?;
+            let ring = Ring::new("meshpath_events_v2", m.fd.as_fd())?;
             let wall_offset_ns = clock_ns(nix::time::ClockId::CLOCK_REALTIME)
                 - clock_ns(nix::time::ClockId::CLOCK_MONOTONIC);
             Ok(FlowReader {
@@ -447,7 +447,7 @@ impl FlowReader {
         f
     }
 
-    fn name(&mut self, id: u32) -> Option<String> {
+    fn name(&mut self, id: u64) -> Option<String> {
         match id {
             0 => None,
             1 => Some("host".into()),

@@ -1042,7 +1042,7 @@ fn the_verdict_cache_never_serves_a_stale_or_auth_verdict() {
     assert_eq!(dp.verdict_cache_len().unwrap(), entries);
     dp.set_verdict_cache(true).unwrap();
     assert_eq!(dp.test_run_xdp(&other).unwrap(), XDP_PASS);
-    // `other` is a tracked flow now: its entry in meshpath_ct holds its
+    // `other` is a tracked flow now: its entry in meshpath_ct_v2 holds its
     // judgement. A new flow is cached again.
     let third = v4_tcp(C4, EPHEMERAL + 2, S4, TCP_PORT, SYN);
     assert_eq!(dp.test_run_xdp(&third).unwrap(), XDP_PASS);

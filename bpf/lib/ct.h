@@ -42,7 +42,7 @@ enum mp_pkt_kind {
 };
 
 /*
- * meshpath_ct: key struct mp_ct_key, value struct mp_ct_value.  Written
+ * meshpath_ct_v2: key struct mp_ct_key, value struct mp_ct_value.  Written
  * and read by the packet hooks and the socket iterators; read by the
  * library (Datapath::conntrack).  LRU, one list for all CPUs (see
  * meshpath_verdict_cache): a full map evicts, it never fails a packet.
@@ -52,7 +52,7 @@ struct {
 	__uint(max_entries, MP_CT_ENTRIES);
 	__type(key, struct mp_ct_key);
 	__type(value, struct mp_ct_value);
-} meshpath_ct SEC(".maps");
+} meshpath_ct_v2 SEC(".maps");
 
 MP_ALWAYS_INLINE void mp_ct_key_of(struct mp_ct_key *k, const __u32 saddr[4],
 				   const __u32 daddr[4], __u8 proto,
@@ -76,7 +76,7 @@ MP_ALWAYS_INLINE void mp_ct_key_of(struct mp_ct_key *k, const __u32 saddr[4],
 MP_ALWAYS_INLINE struct mp_ct_value *mp_ct_get(const struct mp_ct_key *k,
 					       __u64 now)
 {
-	struct mp_ct_value *v = bpf_map_lookup_elem(&meshpath_ct, k);
+	struct mp_ct_value *v = bpf_map_lookup_elem(&meshpath_ct_v2, k);
 
 	return v && v->expires_ns > now ? v : NULL;
 }
@@ -128,7 +128,7 @@ MP_ALWAYS_INLINE void mp_ct_create(const struct mp_ct_key *k,
 	};
 
 	v.expires_ns = now + mp_ct_lifetime(k->proto, flags);
-	bpf_map_update_elem(&meshpath_ct, k, &v, BPF_ANY);
+	bpf_map_update_elem(&meshpath_ct_v2, k, &v, BPF_ANY);
 }
 
 #endif /* MESHPATH_BPF_CT_H */

@@ -16,7 +16,7 @@
 #endif
 
 /*
- * meshpath_hosts_0 / _1: key struct mp_host_key (a whole v4-mapped
+ * meshpath_hosts_v2_0 / _1: key struct mp_host_key (a whole v4-mapped
  * address), value struct mp_endpoint: the endpoints that are single
  * addresses (/32, /128), which is what most workloads are.  Looked up
  * before the trie: an exact match is always the longest prefix, and a
@@ -29,17 +29,17 @@ struct {
 	__uint(max_entries, MP_MAX_ENDPOINTS);
 	__type(key, struct mp_host_key);
 	__type(value, struct mp_endpoint);
-} meshpath_hosts_0 SEC(".maps");
+} meshpath_hosts_v2_0 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, MP_MAX_ENDPOINTS);
 	__type(key, struct mp_host_key);
 	__type(value, struct mp_endpoint);
-} meshpath_hosts_1 SEC(".maps");
+} meshpath_hosts_v2_1 SEC(".maps");
 
 /*
- * meshpath_endpoints_0 / _1: key struct mp_lpm_key (prefix of the
+ * meshpath_endpoints_v2_0 / _1: key struct mp_lpm_key (prefix of the
  * v4-mapped address), value struct mp_endpoint: the endpoints that are
  * prefixes.  Written by the library (policy.rs), read by every
  * enforcement point when the address is not in meshpath_hosts.  Sized
@@ -51,7 +51,7 @@ struct {
 	__uint(max_entries, MP_MAX_ENDPOINTS);
 	__type(key, struct mp_lpm_key);
 	__type(value, struct mp_endpoint);
-} meshpath_endpoints_0 SEC(".maps");
+} meshpath_endpoints_v2_0 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
@@ -59,10 +59,10 @@ struct {
 	__uint(max_entries, MP_MAX_ENDPOINTS);
 	__type(key, struct mp_lpm_key);
 	__type(value, struct mp_endpoint);
-} meshpath_endpoints_1 SEC(".maps");
+} meshpath_endpoints_v2_1 SEC(".maps");
 
 /*
- * meshpath_identities: key __u32 numeric identity, value struct
+ * meshpath_identities_v2: key __u64 numeric identity, value struct
  * mp_identity_name.  Written by the library with every policy change;
  * not read by programs: it lets observers and a restarted agent turn
  * numbers back into names.
@@ -70,9 +70,9 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, MP_MAX_ENDPOINTS);
-	__type(key, __u32);
+	__type(key, __u64);
 	__type(value, struct mp_identity_name);
-} meshpath_identities SEC(".maps");
+} meshpath_identities_v2 SEC(".maps");
 
 /* The endpoint of a 16-byte (v4-mapped) address in the given epoch: its
  * identity (MP_ID_WORLD when no endpoint covers it) and node.  The
@@ -91,14 +91,14 @@ MP_ALWAYS_INLINE struct mp_endpoint mp_endpoint_of(__u64 word,
 	h.addr[2] = k.addr[2] = addr[2];
 	h.addr[3] = k.addr[3] = addr[3];
 	if (one)
-		e = bpf_map_lookup_elem(&meshpath_hosts_1, &h);
+		e = bpf_map_lookup_elem(&meshpath_hosts_v2_1, &h);
 	else
-		e = bpf_map_lookup_elem(&meshpath_hosts_0, &h);
+		e = bpf_map_lookup_elem(&meshpath_hosts_v2_0, &h);
 	if (!e) {
 		if (one)
-			e = bpf_map_lookup_elem(&meshpath_endpoints_1, &k);
+			e = bpf_map_lookup_elem(&meshpath_endpoints_v2_1, &k);
 		else
-			e = bpf_map_lookup_elem(&meshpath_endpoints_0, &k);
+			e = bpf_map_lookup_elem(&meshpath_endpoints_v2_0, &k);
 	}
 	if (e)
 		out = *e;
@@ -106,7 +106,7 @@ MP_ALWAYS_INLINE struct mp_endpoint mp_endpoint_of(__u64 word,
 }
 
 /* The identity alone. */
-MP_ALWAYS_INLINE __u32 mp_identity_of(__u64 word, const __u32 addr[4])
+MP_ALWAYS_INLINE __u64 mp_identity_of(__u64 word, const __u32 addr[4])
 {
 	return mp_endpoint_of(word, addr).identity;
 }

@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
  * Flow events: every program reports through one ring buffer,
- * meshpath_events, read by the library (src/events.rs).
+ * meshpath_events_v2, read by the library (src/events.rs).
  *
  * Connect verdicts that pass and the short-circuit's open/close/reset
  * events are reported one by one.  Per-packet verdicts (drops, audits,
@@ -24,13 +24,13 @@
 #endif
 
 /*
- * meshpath_events: ring buffer of struct mp_flow_event.  Written by every
+ * meshpath_events_v2: ring buffer of struct mp_flow_event.  Written by every
  * program, read by the library.  4 MiB by default: 32,768 events.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, MP_EVENTS_RING_BYTES);
-} meshpath_events SEC(".maps");
+} meshpath_events_v2 SEC(".maps");
 
 /* Key of meshpath_event_agg: what makes packets "the same" for
  * aggregation. */
@@ -73,7 +73,7 @@ MP_ALWAYS_INLINE bool mp_events_on(void)
 MP_ALWAYS_INLINE void mp_event_emit(struct mp_flow_event *ev)
 {
 	ev->time_ns = bpf_ktime_get_ns();
-	if (bpf_ringbuf_output(&meshpath_events, ev, sizeof(*ev), 0))
+	if (bpf_ringbuf_output(&meshpath_events_v2, ev, sizeof(*ev), 0))
 		mp_count(MP_C_EVENTS_LOST);
 }
 

@@ -32,7 +32,7 @@
 #endif
 
 /*
- * meshpath_policy_0 / _1: key struct mp_policy_key, value struct
+ * meshpath_policy_v2_0 / _1: key struct mp_policy_key, value struct
  * mp_policy_value.  Written by the library, read by every enforcement
  * point.  Sized for the compiled rules (one per rule and port).
  */
@@ -41,14 +41,14 @@ struct {
 	__uint(max_entries, MP_MAX_POLICIES);
 	__type(key, struct mp_policy_key);
 	__type(value, struct mp_policy_value);
-} meshpath_policy_0 SEC(".maps");
+} meshpath_policy_v2_0 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, MP_MAX_POLICIES);
 	__type(key, struct mp_policy_key);
 	__type(value, struct mp_policy_value);
-} meshpath_policy_1 SEC(".maps");
+} meshpath_policy_v2_1 SEC(".maps");
 
 /*
  * meshpath_policy_shapes: key __u32 epoch (0, 1), value __u32 bit set of
@@ -120,11 +120,12 @@ struct mp_decision {
  * The rule lookup, as a global BPF function: the verifier checks it once,
  * on its own, instead of once per path of every caller (inlined twice in
  * the packet hooks it exceeded the verifier's instruction budget).  Global
- * functions take and return scalars: the result packs action (bits 0-7),
- * matched (bit 8) and the rule number (bits 32-63).
+ * functions take and return scalars (identities are 64-bit scalars): the
+ * result packs action (bits 0-7), matched (bit 8) and the rule number
+ * (bits 32-63).
  */
 __attribute__((noinline)) __u64
-mp_policy_lookup(__u64 word, __u32 src, __u32 dst, __u32 proto, __u32 dport)
+mp_policy_lookup(__u64 word, __u64 src, __u64 dst, __u32 proto, __u32 dport)
 {
 	__u32 epoch = word & MP_POLICY_EPOCH_BIT;
 	struct mp_policy_value *v;
@@ -151,10 +152,11 @@ mp_policy_lookup(__u64 word, __u32 src, __u32 dst, __u32 proto, __u32 dport)
 		k.dport = (s & MP_SHAPE_PORT) ? dport : 0;
 		k.proto = (s & MP_SHAPE_PROTO) ? proto : MP_PROTO_ANY;
 		k.pad = 0;
+		k.pad1 = 0;
 		if (epoch)
-			v = bpf_map_lookup_elem(&meshpath_policy_1, &k);
+			v = bpf_map_lookup_elem(&meshpath_policy_v2_1, &k);
 		else
-			v = bpf_map_lookup_elem(&meshpath_policy_0, &k);
+			v = bpf_map_lookup_elem(&meshpath_policy_v2_0, &k);
 		if (!v)
 			continue;
 		if (v->action == MP_ACTION_DENY)
@@ -167,7 +169,7 @@ mp_policy_lookup(__u64 word, __u32 src, __u32 dst, __u32 proto, __u32 dport)
 }
 
 MP_ALWAYS_INLINE struct mp_decision
-mp_policy_decide(__u64 word, __u32 src, __u32 dst, __u8 proto, __u16 dport)
+mp_policy_decide(__u64 word, __u64 src, __u64 dst, __u8 proto, __u16 dport)
 {
 	__u64 r = mp_policy_lookup(word, src, dst, proto, dport);
 	struct mp_decision d = {
@@ -211,8 +213,8 @@ enum mp_local_end {
 
 /* A judgement with what flow events report about it. */
 struct mp_judgement {
-	__u32 src_id;
-	__u32 dst_id;
+	__u64 src_id;
+	__u64 dst_id;
 	__u32 src_node;
 	__u32 dst_node;
 	__u32 rule;    /* the deciding rule, if matched */
@@ -230,7 +232,7 @@ struct mp_judgement {
  * and drops.
  */
 MP_ALWAYS_INLINE __u32 mp_verdict_for(__u8 action, __u32 point, __u32 local,
-				      __u32 src, __u32 dst, __u32 src_node,
+				      __u64 src, __u64 dst, __u32 src_node,
 				      __u32 dst_node, __u64 *auth_expiry)
 {
 	struct mp_auth_key k = {};
@@ -332,7 +334,7 @@ MP_ALWAYS_INLINE void mp_judgement_of_cached(struct mp_judgement *j,
 	j->auth_expiry = 0;
 }
 
-/* The judgement of `j` as the verdict cache and meshpath_ct keep it. */
+/* The judgement of `j` as the verdict cache and meshpath_ct_v2 keep it. */
 MP_ALWAYS_INLINE void mp_cached_of(struct mp_vcache_value *c, __u32 gen,
 				   const struct mp_judgement *j)
 {
@@ -344,6 +346,7 @@ MP_ALWAYS_INLINE void mp_cached_of(struct mp_vcache_value *c, __u32 gen,
 	c->matched = j->matched;
 	c->is_reply = 0;
 	c->pad = 0;
+	c->pad1 = 0;
 }
 
 /*
@@ -373,7 +376,7 @@ MP_ALWAYS_INLINE void mp_ct_judge(__u64 word, __u32 point, __u32 local,
 	upd = *ct;
 	mp_cached_of(&upd.judged, mp_policy_gen(word), j);
 	upd.flags = auth ? upd.flags | MP_CT_F_AUTH : upd.flags & ~MP_CT_F_AUTH;
-	bpf_map_update_elem(&meshpath_ct, k, &upd, BPF_EXIST);
+	bpf_map_update_elem(&meshpath_ct_v2, k, &upd, BPF_EXIST);
 }
 
 /*
@@ -381,7 +384,7 @@ MP_ALWAYS_INLINE void mp_ct_judge(__u64 word, __u32 point, __u32 local,
  * tracking (lib/ct.h): a packet of a tracked flow, in either direction,
  * passes while policy allows the flow's original direction; any other
  * packet is judged as a new flow in its own direction, and enters
- * meshpath_ct when it passes and can start one (`kind`, enum
+ * meshpath_ct_v2 when it passes and can start one (`kind`, enum
  * mp_pkt_kind).  ICMP has no ports: an echo is tracked by its identifier
  * (`sport`), an ICMP error is judged on its own.  `local` says which end
  * of the packet is on this node.  Counted at `point`.
@@ -402,7 +405,7 @@ MP_ALWAYS_INLINE void mp_policy_packet_j(__u64 word, __u32 point, __u32 local,
 	struct mp_ct_key k;
 	__u64 now;
 	bool cache, auth;
-	__u32 id;
+	__u64 id;
 
 	if (!mp_policy_on(word)) {
 		mp_policy_judge_j(word, point, local, saddr, daddr, proto,
@@ -512,7 +515,7 @@ MP_ALWAYS_INLINE void mp_policy_sock_flow_j(__u64 word,
 
 /*
  * Enters the established TCP connection of the socket keyed `k` into
- * meshpath_ct when policy allows it (`j`, from mp_policy_sock_flow_j): the
+ * meshpath_ct_v2 when policy allows it (`j`, from mp_policy_sock_flow_j): the
  * socket iterators do it for connections that existed before a policy was
  * in force, or before their cgroup was attached, so that their replies
  * pass.  An entry already there is left as it is.
@@ -537,7 +540,7 @@ MP_ALWAYS_INLINE void mp_ct_track_sock(__u64 word, const struct mp_sock_key *k,
 	if (j->auth_expiry)
 		v.flags |= MP_CT_F_AUTH;
 	v.expires_ns = bpf_ktime_get_ns() + MP_CT_TCP_S * MP_NS_PER_S;
-	bpf_map_update_elem(&meshpath_ct, &ck, &v, BPF_NOEXIST);
+	bpf_map_update_elem(&meshpath_ct_v2, &ck, &v, BPF_NOEXIST);
 }
 
 #endif /* MESHPATH_BPF_POLICY_H */

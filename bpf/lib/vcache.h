@@ -36,7 +36,7 @@
 #endif
 
 /*
- * meshpath_verdict_cache: key struct mp_vcache_key, value struct
+ * meshpath_verdict_cache_v2: key struct mp_vcache_key, value struct
  * mp_vcache_value.  Written and read by the packet hooks (XDP,
  * cgroup_skb) through mp_policy_packet_j; the library only sizes it and
  * turns it on or off (mp_settings.verdict_cache).  LRU: a flood of new
@@ -52,7 +52,7 @@ struct {
 	__uint(max_entries, MP_VCACHE_ENTRIES);
 	__type(key, struct mp_vcache_key);
 	__type(value, struct mp_vcache_value);
-} meshpath_verdict_cache SEC(".maps");
+} meshpath_verdict_cache_v2 SEC(".maps");
 
 MP_ALWAYS_INLINE bool mp_vcache_on(void)
 {
@@ -87,7 +87,7 @@ MP_ALWAYS_INLINE struct mp_vcache_value *
 mp_vcache_get(const struct mp_vcache_key *k, __u32 gen)
 {
 	struct mp_vcache_value *v =
-	    bpf_map_lookup_elem(&meshpath_verdict_cache, k);
+	    bpf_map_lookup_elem(&meshpath_verdict_cache_v2, k);
 
 	return v && v->gen == gen ? v : NULL;
 }
@@ -96,7 +96,7 @@ MP_ALWAYS_INLINE void mp_vcache_put(const struct mp_vcache_key *k,
 				    const struct mp_vcache_value *v)
 {
 	/* A failure only means the next packet is judged in full. */
-	bpf_map_update_elem(&meshpath_verdict_cache, k, v, BPF_ANY);
+	bpf_map_update_elem(&meshpath_verdict_cache_v2, k, v, BPF_ANY);
 }
 
 #endif /* MESHPATH_BPF_VCACHE_H */

@@ -8,7 +8,8 @@
  *    so hash keys never contain uninitialised bytes;
  *  - every struct reaches BTF through a map's __type(), so libbpf-cargo
  *    generates its Rust twin in the skeleton's `types` module;
- *  - a layout change renames the struct and its map (`_v2`), never reuses;
+ *  - a layout change renames its map (`_v2`) and bumps MP_ABI_VERSION, so
+ *    a pin of the old layout is never reused;
  *  - tests/abi_layout.rs checks sizes and offsets against the objects' BTF.
  *
  * Addresses are stored as 16 bytes in network byte order; IPv4 addresses
@@ -28,9 +29,12 @@
  * carries it (mp_settings.abi_version).  An enum, not a #define, so it
  * reaches BTF.  3: single-address endpoints live in meshpath_hosts_{0,1}
  * (2 kept them in the tries, which 3's programs still consult, so a
- * version 2 pin is adopted and migrated by the first policy change). */
+ * version 2 pin is adopted and migrated by the first policy change).
+ * 4: identity numbers are 64-bit (keyed hash, src/policy/identity.rs);
+ * every map that carries one has a new name (`_v2`), and a version 2 or 3
+ * pin directory is refused (its programs and maps hold 32-bit numbers). */
 enum mp_abi {
-	MP_ABI_VERSION = 3,
+	MP_ABI_VERSION = 4,
 };
 
 /* ---------------------------------------------------------------------
@@ -295,8 +299,9 @@ enum mp_policy_word {
  * date: every decision sees one complete state, old or new.
  * ------------------------------------------------------------------- */
 
-/* Numeric identities below MP_ID_FIRST_DERIVED are reserved; the others
- * are derived from the workload's SPIFFE ID (src/policy/identity.rs). */
+/* Numeric identities (64-bit) below MP_ID_FIRST_DERIVED are reserved;
+ * the others are derived from the workload's SPIFFE ID with a keyed hash
+ * the cluster shares (src/policy/identity.rs). */
 enum mp_identity_reserved {
 	MP_ID_ANY = 0,	 /* wildcard in policy keys; no endpoint has it */
 	MP_ID_HOST = 1,	 /* this node */
@@ -304,7 +309,7 @@ enum mp_identity_reserved {
 	MP_ID_FIRST_DERIVED = 256,
 };
 
-/* Value of meshpath_identities (HASH keyed by __u32 identity): the name
+/* Value of meshpath_identities_v2 (HASH keyed by __u64 identity): the name
  * the number was derived from, for observers and restarted agents.
  * Names longer than MP_IDENTITY_NAME_MAX bytes are refused. */
 enum mp_identity_limits {
@@ -316,19 +321,20 @@ struct mp_identity_name {
 	__u8 name[252]; /* MP_IDENTITY_NAME_MAX, not NUL-terminated */
 };
 
-/* Key of meshpath_hosts_{0,1} (HASH): one whole address, the endpoints
+/* Key of meshpath_hosts_v2_{0,1} (HASH): one whole address, the endpoints
  * that are not prefixes (/32, /128). */
 struct mp_host_key {
 	__u32 addr[4]; /* network byte order, v4-mapped for IPv4 */
 };
 
-/* Value of meshpath_endpoints_{0,1} (LPM_TRIE keyed by struct
- * mp_lpm_key) and of meshpath_hosts_{0,1}: the identity of the addresses
- * under the prefix. */
+/* Value of meshpath_endpoints_v2_{0,1} (LPM_TRIE keyed by struct
+ * mp_lpm_key) and of meshpath_hosts_v2_{0,1}: the identity of the
+ * addresses under the prefix. */
 struct mp_endpoint {
-	__u32 identity;
+	__u64 identity;
 	__u32 node; /* the node it runs on (src/policy: node_number), 0: this
 		       node */
+	__u32 pad;
 };
 
 /* Protocols in policy keys: IANA numbers; ICMPv6 is keyed as ICMP. */
@@ -339,14 +345,15 @@ enum mp_proto {
 	MP_PROTO_UDP = 17,
 };
 
-/* Key of meshpath_policy_{0,1} (HASH).  0 in a field is the wildcard
+/* Key of meshpath_policy_v2_{0,1} (HASH).  0 in a field is the wildcard
  * (MP_ID_ANY, any port, MP_PROTO_ANY). */
 struct mp_policy_key {
-	__u32 src_id;
-	__u32 dst_id;
+	__u64 src_id;
+	__u64 dst_id;
 	__u16 dport; /* host order */
 	__u8 proto;  /* enum mp_proto */
 	__u8 pad;
+	__u32 pad1;
 };
 
 enum mp_action {
@@ -357,7 +364,7 @@ enum mp_action {
 	MP_ACTION_AUTH = 4,  /* pass only while the pair is authenticated */
 };
 
-/* Value of meshpath_policy_{0,1}. */
+/* Value of meshpath_policy_v2_{0,1}. */
 struct mp_policy_value {
 	__u8 action; /* enum mp_action */
 	__u8 pad[3];
@@ -365,7 +372,7 @@ struct mp_policy_value {
 };
 
 /*
- * Key of meshpath_verdict_cache (LRU_HASH): a packet as the stateless
+ * Key of meshpath_verdict_cache_v2 (LRU_HASH): a packet as the stateless
  * packet decision sees it.  Addresses v4-mapped, ports in host order.
  */
 struct mp_vcache_key {
@@ -378,21 +385,22 @@ struct mp_vcache_key {
 	__u16 pad;
 };
 
-/* Value of meshpath_verdict_cache: the judgement of such a packet and the
- * policy generation it was made under (valid only while it is live). */
+/* Value of meshpath_verdict_cache_v2: the judgement of such a packet and
+ * the policy generation it was made under (valid only while it is live). */
 struct mp_vcache_value {
-	__u32 gen;    /* mp_policy_gen of the word it was judged by */
-	__u32 src_id; /* identities, as the judgement reports them */
-	__u32 dst_id;
+	__u32 gen;     /* mp_policy_gen of the word it was judged by */
 	__u32 rule;    /* the deciding rule, if matched */
+	__u64 src_id;  /* identities, as the judgement reports them */
+	__u64 dst_id;
 	__u8 verdict;  /* enum mp_verdict */
 	__u8 matched;  /* a rule decided (not the default action) */
 	__u8 is_reply; /* passed as a reply in an allowed flow */
 	__u8 pad;
+	__u32 pad1;
 };
 
 /*
- * Key of meshpath_ct (LRU_HASH): a flow that policy allowed, as the
+ * Key of meshpath_ct_v2 (LRU_HASH): a flow that policy allowed, as the
  * packet that started it had it (the direction that was judged).
  * Addresses v4-mapped, network order; ports in host order; ICMP echo: the
  * identifier as sport, 0 as dport.
@@ -406,13 +414,13 @@ struct mp_ct_key {
 	__u8 pad[3];
 };
 
-/* Value of meshpath_ct: the flow's lifetime and its judgement under the
+/* Value of meshpath_ct_v2: the flow's lifetime and its judgement under the
  * policy generation `judged.gen` (re-judged under any other). */
 struct mp_ct_value {
 	__u64 expires_ns; /* bpf_ktime_get_ns() deadline, moved by packets */
 	struct mp_vcache_value judged; /* its original direction's judgement */
 	__u8 flags;		       /* enum mp_ct_flags */
-	__u8 pad[3];
+	__u8 pad[7];
 };
 
 enum mp_ct_flags {
@@ -421,7 +429,7 @@ enum mp_ct_flags {
 	MP_CT_F_AUTH = 1 << 2,	  /* an `auth` rule decides: never cached */
 };
 
-/* Lifetimes of meshpath_ct entries since their flow's last packet, in
+/* Lifetimes of meshpath_ct_v2 entries since their flow's last packet, in
  * seconds (Cilium's defaults for the TCP ones). */
 enum mp_ct_lifetime {
 	MP_CT_TCP_S = 21600,	  /* TCP, replied */
@@ -469,26 +477,26 @@ enum mp_verdict {
 };
 
 /* ---------------------------------------------------------------------
- * Authentication: meshpath_auth holds the pairs of identities that have
+ * Authentication: meshpath_auth_v2 holds the pairs of identities that have
  * proven themselves with mutual TLS between node agents, until an expiry.
  * ------------------------------------------------------------------- */
 
-/* Key of meshpath_auth (HASH), and what an auth-required signal asks
+/* Key of meshpath_auth_v2 (HASH), and what an auth-required signal asks
  * for.  Local is the identity of the workload on this node. */
 struct mp_auth_key {
-	__u32 local_id;
-	__u32 remote_id;
+	__u64 local_id;
+	__u64 remote_id;
 	__u32 remote_node; /* 0: a workload on this node too */
 	__u32 pad;
 };
 
-/* Value of meshpath_auth. */
+/* Value of meshpath_auth_v2. */
 struct mp_auth_value {
 	__u64 expiry_ns; /* CLOCK_MONOTONIC (bpf_ktime_get_ns): fail closed
 			    after it */
 };
 
-/* Records of meshpath_auth_signals (RINGBUF): an `auth` flow found no
+/* Records of meshpath_auth_signals_v2 (RINGBUF): an `auth` flow found no
  * live entry. */
 struct mp_auth_signal {
 	__u64 time_ns;
@@ -497,7 +505,7 @@ struct mp_auth_signal {
 	__u32 pad;
 };
 
-/* Value of meshpath_certs (HASH keyed by __u32 local identity): the
+/* Value of meshpath_certs_v2 (HASH keyed by __u64 local identity): the
  * certificate that proves a local identity, for the agent and observers. */
 struct mp_cert_info {
 	__u64 not_after;  /* seconds since the Unix epoch */
@@ -506,7 +514,7 @@ struct mp_cert_info {
 };
 
 /* ---------------------------------------------------------------------
- * Flow events: meshpath_events is a RINGBUF of struct mp_flow_event.
+ * Flow events: meshpath_events_v2 is a RINGBUF of struct mp_flow_event.
  * ------------------------------------------------------------------- */
 enum mp_event_type {
 	MP_EV_POLICY = 1,   /* a connect/sendmsg verdict (every one) */
@@ -531,10 +539,10 @@ struct mp_flow_event {
 	__u32 daddr[4];
 	__u16 sport; /* host order, 0 when the protocol has none */
 	__u16 dport;
-	__u32 src_identity;
-	__u32 dst_identity;
 	__u32 ifindex; /* XDP and cgroup_skb: the device, else 0 */
-	__u32 count;   /* packets this event stands for (>= 1) */
+	__u64 src_identity;
+	__u64 dst_identity;
+	__u32 count; /* packets this event stands for (>= 1) */
 	__u32 rule;    /* number of the deciding rule, if `matched` */
 	__u64 tx_msgs; /* short-circuit: sent by the connecting end */
 	__u64 tx_bytes;

@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::identity::{Identity, IdentityMap};
+use super::identity::{Identity, IdentityMap, IdentityNumber};
 use super::model::{Compiled, Endpoint, NodeName, PolicyState};
 use crate::abi;
 use crate::net::IpNet;
@@ -23,7 +23,7 @@ use crate::net::IpNet;
 /// (prefix length over 128 bits, address words), as the maps key it.
 pub(crate) type EndpointKey = (u32, [u32; 4]);
 /// (identity number, node number).
-pub(crate) type EndpointVal = (u32, u32);
+pub(crate) type EndpointVal = (IdentityNumber, u32);
 
 /// The key of an endpoint address or prefix.
 pub(crate) fn key_of(ip: &IpNet) -> EndpointKey {
@@ -31,7 +31,7 @@ pub(crate) fn key_of(ip: &IpNet) -> EndpointKey {
 }
 
 /// The value of an endpoint.
-pub(crate) fn value_of(e: &Endpoint, identity: u32) -> EndpointVal {
+pub(crate) fn value_of(e: &Endpoint, identity: IdentityNumber) -> EndpointVal {
     (identity, e.node.as_ref().map_or(0, NodeName::number))
 }
 
@@ -41,9 +41,13 @@ pub(crate) struct Index {
     /// The identities of the endpoints and rules.
     pub identities: IdentityMap,
     /// How many endpoints have each identity number.
-    pub endpoint_uses: BTreeMap<u32, usize>,
+    pub endpoint_uses: BTreeMap<IdentityNumber, usize>,
     /// The identity numbers the rules name.
-    pub rule_identities: BTreeSet<u32>,
+    pub rule_identities: BTreeSet<IdentityNumber>,
+    /// Whether the state has names refused for a number collision: then
+    /// only a full compile knows what an edit does (a refused name may
+    /// win once the other goes).
+    pub collisions: bool,
 }
 
 impl Index {
@@ -53,6 +57,7 @@ impl Index {
             identities: c.identities.clone(),
             endpoint_uses: c.endpoint_uses.clone(),
             rule_identities: c.rule_identities.clone(),
+            collisions: !c.collisions.is_empty(),
         }
     }
 
@@ -84,37 +89,37 @@ pub(crate) struct EndpointEdit {
     /// What the key maps to afterwards; `None`: removed.
     pub value: Option<EndpointVal>,
     /// The identity of the new endpoint (its number, and the identity).
-    pub added_identity: Option<(u32, Identity)>,
+    pub added_identity: Option<(IdentityNumber, Identity)>,
     /// The identity numbers of the endpoints removed (one per endpoint).
-    pub removed_identities: Vec<u32>,
+    pub removed_identities: Vec<IdentityNumber>,
     /// Identity numbers the state no longer uses.
-    pub dropped: Vec<u32>,
+    pub dropped: Vec<IdentityNumber>,
 }
 
 /// The endpoints of a state at some keys, found in one pass over its
 /// endpoint list: key -> address or prefix as spelled -> the identity
 /// numbers of the endpoints there (one per endpoint).
 #[derive(Debug, Clone, Default)]
-pub(crate) struct View(BTreeMap<EndpointKey, BTreeMap<IpNet, Vec<u32>>>);
+pub(crate) struct View(BTreeMap<EndpointKey, BTreeMap<IpNet, Vec<IdentityNumber>>>);
 
 impl View {
-    pub(crate) fn of(state: &PolicyState, keys: &BTreeSet<EndpointKey>) -> View {
-        let mut v: BTreeMap<EndpointKey, BTreeMap<IpNet, Vec<u32>>> =
+    pub(crate) fn of(state: &PolicyState, ids: &IdentityMap, keys: &BTreeSet<EndpointKey>) -> View {
+        let mut v: BTreeMap<EndpointKey, BTreeMap<IpNet, Vec<IdentityNumber>>> =
             keys.iter().map(|k| (*k, BTreeMap::new())).collect();
         for e in &state.endpoints {
             if let Some(at) = v.get_mut(&key_of(&e.ip)) {
-                at.entry(e.ip).or_default().push(e.identity.number());
+                at.entry(e.ip).or_default().push(ids.number_of(&e.identity));
             }
         }
         View(v)
     }
 
     /// The view once the endpoints at `ip` are replaced with `new`.
-    fn apply(&mut self, ip: IpNet, new: Option<&Endpoint>) {
+    fn apply(&mut self, ids: &IdentityMap, ip: IpNet, new: Option<&Endpoint>) {
         let at = self.0.entry(key_of(&ip)).or_default();
         at.remove(&ip);
         if let Some(e) = new {
-            at.insert(ip, vec![e.identity.number()]);
+            at.insert(ip, vec![ids.number_of(&e.identity)]);
         }
     }
 }
@@ -130,6 +135,9 @@ pub(crate) fn plan(
     ip: IpNet,
     new: Option<&Endpoint>,
 ) -> Option<EndpointEdit> {
+    if index.collisions {
+        return None;
+    }
     let key = key_of(&ip);
     let mut removed_identities = Vec::new();
     for (spelled, ids) in view.0.get(&key)? {
@@ -146,24 +154,29 @@ pub(crate) fn plan(
     let mut value = None;
     if let Some(e) = new {
         debug_assert_eq!(e.ip, ip);
-        let n = e.identity.number();
+        let n = index.identities.number_of(&e.identity);
         match index.identities.name(n) {
             Some(known) if known != &e.identity => return None,
             Some(_) => {}
             // A registered identity under the same number: a collision.
-            None if extra.iter().any(|x| x.number() == n && x != &e.identity) => return None,
+            None if extra
+                .iter()
+                .any(|x| index.identities.number_of(x) == n && x != &e.identity) =>
+            {
+                return None
+            }
             None => {}
         }
         added_identity = Some((n, e.identity.clone()));
         value = Some(value_of(e, n));
     }
-    let mut left: BTreeMap<u32, usize> = BTreeMap::new();
+    let mut left: BTreeMap<IdentityNumber, usize> = BTreeMap::new();
     for n in &removed_identities {
         *left
             .entry(*n)
             .or_insert_with(|| index.endpoint_uses.get(n).copied().unwrap_or(0)) -= 1;
     }
-    let dropped: Vec<u32> = left
+    let dropped: Vec<IdentityNumber> = left
         .into_iter()
         .filter(|&(n, uses)| {
             uses == 0
@@ -231,10 +244,10 @@ pub(crate) struct BatchEdit {
     pub keys: BTreeMap<EndpointKey, Option<EndpointVal>>,
     /// Identity names to write: used afterwards, not before, not
     /// registered.
-    pub named: Vec<(u32, Identity)>,
+    pub named: Vec<(IdentityNumber, Identity)>,
     /// Identity names to remove: used before, not afterwards, not
     /// registered.
-    pub unnamed: Vec<u32>,
+    pub unnamed: Vec<IdentityNumber>,
 }
 
 impl BatchEdit {
@@ -253,7 +266,8 @@ pub(crate) fn plan_batch(
     extra: &BTreeSet<Identity>,
     changes: &[EndpointChange],
 ) -> Option<BatchEdit> {
-    let mut view = View::of(state, &changes.iter().map(|c| key_of(&c.ip())).collect());
+    let ids = &index.identities;
+    let mut view = View::of(state, ids, &changes.iter().map(|c| key_of(&c.ip())).collect());
     let mut after = index.clone();
     let mut keys = BTreeMap::new();
     // Per address: the position of its last change and what stands.
@@ -266,13 +280,13 @@ pub(crate) fn plan_batch(
         let edit = plan(&view, &after, extra, c.ip(), new)?;
         after.apply(&edit);
         keys.insert(edit.key, edit.value);
-        view.apply(c.ip(), new);
+        view.apply(ids, c.ip(), new);
         last.insert(c.ip(), (i, new));
     }
     let mut standing: Vec<(usize, &Endpoint)> =
         last.values().filter_map(|&(i, e)| Some((i, e?))).collect();
     standing.sort_by_key(|&(i, _)| i);
-    let registered = |n: &u32| extra.iter().any(|x| x.number() == *n);
+    let registered = |n: &IdentityNumber| extra.iter().any(|x| ids.number_of(x) == *n);
     let named = after
         .identities
         .iter()
@@ -298,6 +312,7 @@ pub(crate) fn plan_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::identity::IdentityKey;
     use crate::policy::model::{DefaultAction, Rule};
 
     /// A small deterministic generator (xorshift64*): the same sequence
@@ -344,11 +359,11 @@ mod tests {
 
     /// The names the kernel holds for a state: its identities and the
     /// registered ones.
-    fn names(c: &Compiled, extra: &BTreeSet<Identity>) -> BTreeSet<u32> {
+    fn names(c: &Compiled, extra: &BTreeSet<Identity>) -> BTreeSet<IdentityNumber> {
         c.identities
             .iter()
             .map(|(n, _)| n)
-            .chain(extra.iter().map(Identity::number))
+            .chain(extra.iter().map(|x| c.identities.number_of(x)))
             .collect()
     }
 
@@ -372,11 +387,11 @@ mod tests {
             for _ in 0..r.below(8) {
                 let e = endpoint(&mut r);
                 state.endpoints.retain(|x| x.ip != e.ip);
-                if state.compile().is_ok() {
+                if state.compile(&IdentityKey::default()).is_ok() {
                     state.endpoints.push(e);
                 }
             }
-            let Ok(mut compiled) = state.compile() else {
+            let Ok(mut compiled) = state.compile(&IdentityKey::default()) else {
                 continue;
             };
             let mut index = Index::of(&compiled);
@@ -396,8 +411,8 @@ mod tests {
                 next.endpoints.retain(|x| x.ip != ip);
                 let deleted = next.endpoints.len() < state.endpoints.len();
                 next.endpoints.extend(new.clone());
-                let full = next.compile();
-                let view = View::of(&state, &[key_of(&ip)].into());
+                let full = next.compile(&IdentityKey::default());
+                let view = View::of(&state, &index.identities, &[key_of(&ip)].into());
                 let Some(edit) = plan(&view, &index, &extra, ip, new.as_ref()) else {
                     // Declined: a full compile decides (an error, a
                     // delete of nothing, or another spelling).
@@ -455,11 +470,11 @@ mod tests {
                 let e = endpoint(&mut r);
                 let mut next = state.clone();
                 EndpointChange::Upsert(e).apply_to(&mut next.endpoints);
-                if next.compile().is_ok() {
+                if next.compile(&IdentityKey::default()).is_ok() {
                     state = next;
                 }
             }
-            let compiled = state.compile().unwrap();
+            let compiled = state.compile(&IdentityKey::default()).unwrap();
             let index = Index::of(&compiled);
             let changes: Vec<EndpointChange> = (0..1 + r.below(8))
                 .map(|_| {
@@ -476,7 +491,7 @@ mod tests {
                 .iter()
                 .map(|c| c.apply_to(&mut next.endpoints))
                 .collect();
-            let full = next.compile();
+            let full = next.compile(&IdentityKey::default());
             let Some(batch) = plan_batch(&state, &index, &extra, &changes) else {
                 declined += 1;
                 continue;
@@ -503,9 +518,9 @@ mod tests {
             assert_eq!(entries, want.endpoints, "entries after {changes:?}");
             assert_eq!(batch.index, Index::of(&want), "index after {changes:?}");
             let (before, after) = (names(&compiled, &extra), names(&want, &extra));
-            let named: BTreeSet<u32> = batch.named.iter().map(|(n, _)| *n).collect();
+            let named: BTreeSet<IdentityNumber> = batch.named.iter().map(|(n, _)| *n).collect();
             assert_eq!(named, after.difference(&before).copied().collect());
-            let unnamed: BTreeSet<u32> = batch.unnamed.iter().copied().collect();
+            let unnamed: BTreeSet<IdentityNumber> = batch.unnamed.iter().copied().collect();
             assert_eq!(unnamed, before.difference(&after).copied().collect());
         }
         assert!(
@@ -520,16 +535,38 @@ mod tests {
             endpoints: vec![Endpoint::new("198.18.0.1", &identity(1)).unwrap()],
             ..PolicyState::default()
         };
-        let mut index = Index::of(&state.compile().unwrap());
+        let mut index = Index::of(&state.compile(&IdentityKey::default()).unwrap());
         let e = Endpoint::new("198.18.0.2", &identity(1)).unwrap();
-        let view = View::of(&state, &[key_of(&e.ip)].into());
+        let view = View::of(&state, &index.identities, &[key_of(&e.ip)].into());
         assert!(plan(&view, &index, &BTreeSet::new(), e.ip, Some(&e)).is_some());
         // Another identity under w1's number, as if the two collided.
         let w1: Identity = identity(1).parse().unwrap();
-        index.identities.remove(w1.number());
-        index
-            .identities
-            .force(w1.number(), identity(2).parse().unwrap());
+        let n = index.identities.number_of(&w1);
+        index.identities.remove(n);
+        index.identities.force(n, identity(2).parse().unwrap());
+        assert_eq!(plan(&view, &index, &BTreeSet::new(), e.ip, Some(&e)), None);
+    }
+
+    /// A state with a refused name (a collision in a tiny number space)
+    /// is only ever changed through a full compile, which decides again
+    /// who wins.
+    #[test]
+    fn a_state_with_a_collision_is_left_to_compile() {
+        let key = IdentityKey::tiny(2);
+        let ids: Vec<String> = (0..8).map(identity).collect();
+        let state = PolicyState {
+            endpoints: ids
+                .iter()
+                .enumerate()
+                .map(|(i, id)| Endpoint::new(&format!("198.18.0.{i}"), id).unwrap())
+                .collect(),
+            ..PolicyState::default()
+        };
+        let c = state.compile(&key).unwrap();
+        assert!(!c.collisions.is_empty());
+        let index = Index::of(&c);
+        let e = Endpoint::new("198.18.1.1", &identity(0)).unwrap();
+        let view = View::of(&state, &index.identities, &[key_of(&e.ip)].into());
         assert_eq!(plan(&view, &index, &BTreeSet::new(), e.ip, Some(&e)), None);
     }
 }

@@ -22,7 +22,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 pub use edit::EndpointChange;
-pub use identity::{derive_number, Identity, IdentityMap, SpiffeId};
+pub use identity::{
+    derive_number, Identity, IdentityCollision, IdentityKey, IdentityMap, IdentityNumber, SpiffeId,
+};
 pub use model::{Action, DefaultAction, Endpoint, NodeName, Peer, PolicyState, Protocol, Rule};
 
 use crate::abi::{self, EndpointValue, HostKey, IdentityName, LpmKey, PolicyKey, PolicyValue};
@@ -31,7 +33,7 @@ use crate::error::{Error, Result};
 use crate::maps::MapSet;
 use crate::net::IpNet;
 use edit::{EndpointKey, EndpointVal};
-use model::Compiled;
+use model::{Compiled, PolicyKeyBytes};
 
 /// The library's copy of the desired state.
 #[derive(Debug, Default)]
@@ -44,6 +46,8 @@ pub(crate) struct PolicySlot {
     copies: [Known; 2],
     /// Who uses which identity in `state` (for endpoint edits).
     index: Option<edit::Index>,
+    /// The names the last change refused for a number collision.
+    collisions: Vec<IdentityCollision>,
 }
 
 /// The entries of one copy of the endpoint and policy maps, as last
@@ -79,8 +83,8 @@ impl CopyEntries {
 }
 
 /// (prefix length over 128 bits, address words) -> (identity, node).
-type EndpointEntries = BTreeMap<(u32, [u32; 4]), (u32, u32)>;
-type RuleEntries = BTreeMap<[u8; 12], (u8, u32)>;
+type EndpointEntries = BTreeMap<(u32, [u32; 4]), (IdentityNumber, u32)>;
+type RuleEntries = BTreeMap<PolicyKeyBytes, (u8, u32)>;
 
 /// The prefix length of a single address (v4-mapped IPv4 included).
 const HOST_PREFIX: u32 = 128;
@@ -108,6 +112,12 @@ pub struct PolicyChange {
     /// Applied as key edits (`upsert_endpoint`, `delete_endpoint`,
     /// `change_endpoints`) without compiling the whole state again.
     pub incremental: bool,
+    /// Names refused because another name has their identity number (a
+    /// collision: never by chance in practice, never searchable without
+    /// the identity key). Each refused name's endpoints and rules were
+    /// left out; everything else applied. Also in
+    /// [`Datapath::identity_collisions`] until the next change.
+    pub identity_collisions: Vec<IdentityCollision>,
 }
 
 impl Datapath {
@@ -136,6 +146,7 @@ impl Datapath {
         })?;
         slot.state = None;
         slot.index = None;
+        slot.collisions.clear();
         Ok(())
     }
 
@@ -219,9 +230,29 @@ impl Datapath {
         })
     }
 
+    /// The number of `identity` under this datapath's identity key
+    /// ([`crate::DatapathOptions::identity_key`]).
+    pub fn identity_number(&self, identity: &Identity) -> IdentityNumber {
+        identity.number(&self.inner.identity_key)
+    }
+
+    /// Whether identity numbers are derived with the default key (public:
+    /// collisions can be searched offline, see [`IdentityKey`]).
+    pub fn identity_key_is_default(&self) -> bool {
+        self.inner.identity_key.is_default()
+    }
+
+    /// The names the live state refused because another name has their
+    /// number (see [`PolicyChange::identity_collisions`]); empty when
+    /// there are none, which is what to expect.
+    pub fn identity_collisions(&self) -> Vec<IdentityCollision> {
+        self.lock_policy().collisions.clone()
+    }
+
     /// Registers an identity (before any endpoint or rule uses it), so
-    /// that a collision with another name is found now. Its number.
-    pub fn upsert_identity(&self, identity: Identity) -> Result<u32> {
+    /// that a collision with another name is found now (refused, naming
+    /// both). Its number.
+    pub fn upsert_identity(&self, identity: Identity) -> Result<IdentityNumber> {
         let mut slot = self.lock_policy();
         let mut all = self.identities_of(&slot)?;
         let n = all.insert(&identity)?;
@@ -261,8 +292,8 @@ impl Datapath {
             ));
         }
         self.maps()
-            .typed::<u32, IdentityName>("meshpath_identities")?
-            .delete(&identity.number())?;
+            .typed::<u64, IdentityName>(IDENTITIES_MAP)?
+            .delete(&self.identity_number(identity))?;
         Ok(())
     }
 
@@ -274,10 +305,8 @@ impl Datapath {
 
     /// The name the datapath has for a number (from the identity map the
     /// library keeps in the kernel: works for observers of pinned state).
-    pub fn identity_name(&self, number: u32) -> Result<Option<String>> {
-        let m = self
-            .maps()
-            .typed::<u32, IdentityName>("meshpath_identities")?;
+    pub fn identity_name(&self, number: IdentityNumber) -> Result<Option<String>> {
+        let m = self.maps().typed::<u64, IdentityName>(IDENTITIES_MAP)?;
         Ok(m.lookup(&number)?.map(|n| {
             let len = (n.len as usize).min(n.name.len());
             String::from_utf8_lossy(&n.name[..len]).into_owned()
@@ -310,7 +339,7 @@ impl Datapath {
     pub fn verdict_cache_len(&self) -> Result<usize> {
         Ok(self
             .maps()
-            .typed::<abi::VcacheKey, abi::VcacheValue>("meshpath_verdict_cache")?
+            .typed::<abi::VcacheKey, abi::VcacheValue>("meshpath_verdict_cache_v2")?
             .entries()?
             .len())
     }
@@ -362,6 +391,10 @@ impl Datapath {
         else {
             return None;
         };
+        // Who wins a collision is decided by a full compile.
+        if !slot.collisions.is_empty() {
+            return None;
+        }
         if !(Arc::ptr_eq(&a.hosts, &b.hosts)
             && Arc::ptr_eq(&a.prefixes, &b.prefixes)
             && Arc::ptr_eq(&a.rules, &b.rules))
@@ -447,8 +480,8 @@ impl Datapath {
         slot: &mut PolicySlot,
         EditBase { gen, default, live }: EditBase,
         keys: BTreeMap<EndpointKey, Option<EndpointVal>>,
-        named: Vec<(u32, Identity)>,
-        unnamed: &[u32],
+        named: Vec<(IdentityNumber, Identity)>,
+        unnamed: &[IdentityNumber],
         commit: impl FnOnce(&mut PolicySlot),
     ) -> Result<PolicyChange> {
         let maps = self.maps();
@@ -470,10 +503,10 @@ impl Datapath {
                 })
                 .collect()
         };
-        let names = maps.typed::<u32, IdentityName>("meshpath_identities")?;
+        let names = maps.typed::<u64, IdentityName>(IDENTITIES_MAP)?;
         let written = write_endpoints(maps, idle, &keys)
             .and_then(|()| {
-                let v: Vec<(u32, IdentityName)> = named
+                let v: Vec<(u64, IdentityName)> = named
                     .iter()
                     .map(|(n, id)| (*n, identity_name(id)))
                     .collect();
@@ -531,28 +564,40 @@ impl Datapath {
         // compiling 100,000 endpoints again would take tens of ms.
         let mut all = match (&slot.index, &slot.state) {
             (Some(index), Some(_)) => index.identities.clone(),
-            (None, Some(s)) => s.compile()?.identities,
-            (_, None) => IdentityMap::default(),
+            (None, Some(s)) => s.compile(&self.inner.identity_key)?.identities,
+            (_, None) => IdentityMap::new(self.inner.identity_key.clone()),
         };
         for id in &slot.extra {
-            all.insert(id)?;
+            // One refused for a collision is not named (see apply_locked).
+            let _ = all.insert(id);
         }
         Ok(all)
     }
 
-    fn write_identity(&self, n: u32, identity: &Identity) -> Result<()> {
+    fn write_identity(&self, n: IdentityNumber, identity: &Identity) -> Result<()> {
         self.maps()
-            .typed::<u32, IdentityName>("meshpath_identities")?
+            .typed::<u64, IdentityName>(IDENTITIES_MAP)?
             .update(&n, &identity_name(identity), || {
                 format!("identity {identity}")
             })
     }
 
     fn apply_locked(&self, slot: &mut PolicySlot, state: PolicyState) -> Result<PolicyChange> {
-        let compiled = state.compile()?;
+        let mut compiled = state.compile(&self.inner.identity_key)?;
         let mut ids = compiled.identities.clone();
+        // A registered name that collides with one in use (or another
+        // registered one, in name order) is refused like any other.
         for id in &slot.extra {
-            ids.insert(id)?;
+            if ids.insert(id).is_err() {
+                let number = ids.number_of(id);
+                compiled.collisions.push(IdentityCollision {
+                    number,
+                    kept: ids.name(number).cloned().unwrap_or(Identity::World),
+                    refused: id.clone(),
+                    endpoints: Vec::new(),
+                    rules: Vec::new(),
+                });
+            }
         }
         let maps = self.maps();
         let (gen, on, _, live) = abi::policy_word_parts(read_settings(maps)?.policy);
@@ -563,9 +608,9 @@ impl Datapath {
         let mut change = sync_epoch(maps, idle, &want, shapes, &mut slot.copies[idle as usize])?;
         // Identity names: written before the state goes live (observers
         // name what they see), the ones no longer used removed after.
-        let names = maps.typed::<u32, IdentityName>("meshpath_identities")?;
-        let have: BTreeMap<u32, IdentityName> = names.entries()?.into_iter().collect();
-        let writes: Vec<(u32, IdentityName)> = ids
+        let names = maps.typed::<u64, IdentityName>(IDENTITIES_MAP)?;
+        let have: BTreeMap<u64, IdentityName> = names.entries()?.into_iter().collect();
+        let writes: Vec<(u64, IdentityName)> = ids
             .iter()
             .map(|(n, id)| (n, identity_name(id)))
             .filter(|(n, v)| have.get(n).map(|h| (h.len, h.name)) != Some((v.len, v.name)))
@@ -589,7 +634,7 @@ impl Datapath {
         // holds).
         let other = &mut slot.copies[(idle ^ 1) as usize];
         let _ = sync_epoch(maps, idle ^ 1, &want, shapes, other);
-        let gone: Vec<u32> = have
+        let gone: Vec<u64> = have
             .keys()
             .copied()
             .filter(|n| ids.name(*n).is_none())
@@ -597,6 +642,8 @@ impl Datapath {
         let _ = names.delete_many(&gone);
         slot.index = Some(edit::Index::of(&compiled));
         slot.state = Some(state);
+        slot.collisions = compiled.collisions;
+        change.identity_collisions = slot.collisions.clone();
         change.generation = gen;
         match self.reset_denied_flows() {
             Ok(n) => change.flows_reset = n,
@@ -639,7 +686,11 @@ fn write_endpoints(
     keys: &[(EndpointKey, Option<EndpointVal>)],
 ) -> Result<()> {
     let (lpm_name, hosts_name, _) = COPY_MAPS[epoch as usize & 1];
-    let value = |&(identity, node): &EndpointVal| EndpointValue { identity, node };
+    let value = |&(identity, node): &EndpointVal| EndpointValue {
+        identity,
+        node,
+        pad: 0,
+    };
     let what = |addr: [u32; 4], plen: u32| format!("endpoint {}/{plen}", abi::words_to_ip(addr));
     let (hosts, prefixes): (Vec<_>, Vec<_>) = keys.iter().partition(|(k, _)| k.0 == HOST_PREFIX);
     let host_map = maps.typed::<HostKey, EndpointValue>(hosts_name)?;
@@ -677,18 +728,21 @@ struct EditBase {
 }
 
 /// The maps of each copy: (endpoint prefixes, host addresses, rules).
-const COPY_MAPS: [(&str, &str, &str); 2] = [
+pub(crate) const COPY_MAPS: [(&str, &str, &str); 2] = [
     (
-        "meshpath_endpoints_0",
-        "meshpath_hosts_0",
-        "meshpath_policy_0",
+        "meshpath_endpoints_v2_0",
+        "meshpath_hosts_v2_0",
+        "meshpath_policy_v2_0",
     ),
     (
-        "meshpath_endpoints_1",
-        "meshpath_hosts_1",
-        "meshpath_policy_1",
+        "meshpath_endpoints_v2_1",
+        "meshpath_hosts_v2_1",
+        "meshpath_policy_v2_1",
     ),
 ];
+
+/// Numbers to names (`struct mp_identity_name`), keyed by 64-bit number.
+pub(crate) const IDENTITIES_MAP: &str = "meshpath_identities_v2";
 
 /// Makes epoch `epoch`'s maps hold exactly `want` (and `shapes`): writes
 /// the difference between `want` and what they hold (`known`, or else
@@ -731,7 +785,11 @@ fn sync_epoch(
             ),
         },
     };
-    let value = |&(identity, node): &(u32, u32)| EndpointValue { identity, node };
+    let value = |&(identity, node): &EndpointVal| EndpointValue {
+        identity,
+        node,
+        pad: 0,
+    };
     let what = |addr: [u32; 4], plen: u32| format!("endpoint {}/{plen}", abi::words_to_ip(addr));
     let (hw, hr) = hosts.sync(
         &have.hosts,

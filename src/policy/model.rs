@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::str::FromStr;
 
-use super::identity::{Identity, IdentityMap};
+use super::identity::{Identity, IdentityCollision, IdentityKey, IdentityMap, IdentityNumber};
 use crate::abi::{Action as RawAction, IdentityReserved, Proto, ShapeBits};
 use crate::error::{Error, Result};
 use crate::net::IpNet;
@@ -235,10 +235,19 @@ impl NodeName {
         &self.0
     }
 
-    /// The node's number: derived like identity numbers (FNV-1a, folded),
-    /// from `meshpath-node:<name>`, so never 0 (0 means "this node").
+    /// The node's number: FNV-1a (64-bit) over `meshpath-node:<name>`,
+    /// folded to 32 bits (high xor low), mapped into `[256, 2^32)`, so
+    /// never 0 (0 means "this node"). Unkeyed: node names are chosen by
+    /// the cluster's operators, not by whoever can name a workload.
     pub fn number(&self) -> u32 {
-        super::identity::derive_number(&format!("meshpath-node:{}", self.0))
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in format!("meshpath-node:{}", self.0).as_bytes() {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        let folded = ((h >> 32) ^ (h & 0xffff_ffff)) as u32;
+        let first = IdentityReserved::MP_ID_FIRST_DERIVED.0;
+        first + folded % (u32::MAX - first + 1)
     }
 }
 
@@ -310,39 +319,80 @@ pub struct PolicyState {
 pub(crate) struct Compiled {
     /// (prefix length over 128 bits, address words) -> (identity number,
     /// node number).
-    pub endpoints: BTreeMap<(u32, [u32; 4]), (u32, u32)>,
+    pub endpoints: BTreeMap<(u32, [u32; 4]), (IdentityNumber, u32)>,
     /// Policy key bytes -> (action, rule number).
-    pub rules: BTreeMap<[u8; 12], (u8, u32)>,
+    pub rules: BTreeMap<PolicyKeyBytes, (u8, u32)>,
     /// Bit set of the key shapes in use.
     pub shapes: u32,
     pub default_action: DefaultAction,
     pub identities: IdentityMap,
     /// How many endpoints have each identity number.
-    pub endpoint_uses: BTreeMap<u32, usize>,
+    pub endpoint_uses: BTreeMap<IdentityNumber, usize>,
     /// The identity numbers the rules name.
-    pub rule_identities: BTreeSet<u32>,
+    pub rule_identities: BTreeSet<IdentityNumber>,
+    /// Names refused because another had their number first (in name
+    /// order), with the endpoints and rules left out for them.
+    pub collisions: Vec<IdentityCollision>,
 }
 
-fn field(path: String, e: Error) -> Error {
-    e.at(path)
-}
+/// The bytes of a `struct mp_policy_key`.
+pub(crate) type PolicyKeyBytes = [u8; POLICY_KEY_LEN];
+/// The size of a `struct mp_policy_key`.
+pub(crate) const POLICY_KEY_LEN: usize = 24;
 
 impl PolicyState {
-    /// Checks the state and compiles it; errors name the field.
+    /// Checks the state and compiles it; errors name the field. (Two
+    /// names with one identity number are not an error: see
+    /// [`IdentityCollision`].)
     pub fn validate(&self) -> Result<()> {
-        self.compile().map(|_| ())
+        self.compile(&IdentityKey::default()).map(|_| ())
     }
 
-    pub(crate) fn compile(&self) -> Result<Compiled> {
+    /// Every identity the state names, in name order.
+    fn named_identities(&self) -> BTreeSet<&Identity> {
+        let mut all: BTreeSet<&Identity> = self.endpoints.iter().map(|e| &e.identity).collect();
+        for r in &self.policies {
+            for p in [&r.from, &r.to] {
+                if let Peer::Is(id) = p {
+                    all.insert(id);
+                }
+            }
+        }
+        all
+    }
+
+    /// Compiles the state with identity numbers derived under `key`. A
+    /// name whose number an earlier name (in name order, so every node
+    /// decides alike whatever the order of the config) already has is
+    /// refused with its endpoints and rules (`Compiled::collisions`); the
+    /// rest compiles.
+    pub(crate) fn compile(&self, key: &IdentityKey) -> Result<Compiled> {
         let mut c = Compiled {
             default_action: self.default_action,
+            identities: IdentityMap::new(key.clone()),
             ..Default::default()
         };
+        let mut refused: BTreeMap<&Identity, usize> = BTreeMap::new();
+        for id in self.named_identities() {
+            if c.identities.insert(id).is_err() {
+                let number = c.identities.number_of(id);
+                let kept = c.identities.name(number).cloned().unwrap_or(Identity::World);
+                refused.insert(id, c.collisions.len());
+                c.collisions.push(IdentityCollision {
+                    number,
+                    kept,
+                    refused: id.clone(),
+                    endpoints: Vec::new(),
+                    rules: Vec::new(),
+                });
+            }
+        }
         for (i, ep) in self.endpoints.iter().enumerate() {
-            let id = c
-                .identities
-                .insert(&ep.identity)
-                .map_err(|e| field(format!("endpoints[{i}].identity"), e))?;
+            if let Some(&k) = refused.get(&ep.identity) {
+                c.collisions[k].endpoints.push(i);
+                continue;
+            }
+            let id = c.identities.number_of(&ep.identity);
             *c.endpoint_uses.entry(id).or_default() += 1;
             let key = super::edit::key_of(&ep.ip);
             let value = super::edit::value_of(ep, id);
@@ -355,7 +405,9 @@ impl PolicyState {
                 std::collections::btree_map::Entry::Occupied(_) => {
                     let j = self.endpoints[..i]
                         .iter()
-                        .position(|e| super::edit::key_of(&e.ip) == key)
+                        .position(|e| {
+                            super::edit::key_of(&e.ip) == key && !refused.contains_key(&e.identity)
+                        })
                         .unwrap_or(i);
                     return Err(Error::invalid(
                         format!("endpoints[{i}].ip"),
@@ -368,20 +420,21 @@ impl PolicyState {
             }
         }
         for (i, r) in self.policies.iter().enumerate() {
-            let side = |p: &Peer, name: &str, c: &mut Compiled| -> Result<u32> {
-                match p {
-                    Peer::Any => Ok(IdentityReserved::MP_ID_ANY.0),
-                    Peer::Is(id) => c
-                        .identities
-                        .insert(id)
-                        .map_err(|e| field(format!("policies[{i}].{name}"), e)),
-                }
+            let lost = [&r.from, &r.to].into_iter().find_map(|p| match p {
+                Peer::Is(id) => refused.get(id).copied(),
+                Peer::Any => None,
+            });
+            let side = |p: &Peer| match p {
+                Peer::Any => u64::from(IdentityReserved::MP_ID_ANY.0),
+                Peer::Is(id) => c.identities.number_of(id),
             };
-            let src = side(&r.from, "from", &mut c)?;
-            let dst = side(&r.to, "to", &mut c)?;
-            for n in [src, dst] {
-                if n != IdentityReserved::MP_ID_ANY.0 {
-                    c.rule_identities.insert(n);
+            let src = side(&r.from);
+            let dst = side(&r.to);
+            if lost.is_none() {
+                for n in [src, dst] {
+                    if n != u64::from(IdentityReserved::MP_ID_ANY.0) {
+                        c.rule_identities.insert(n);
+                    }
                 }
             }
             if r.protocol == Protocol::Icmp && !r.ports.is_empty() {
@@ -397,6 +450,12 @@ impl PolicyState {
                         "0 is not a port (an empty list means any port)",
                     ));
                 }
+            }
+            // Checked above like any rule; left out when it names a
+            // refused identity (both refused: counted for the first).
+            if let Some(k) = lost {
+                c.collisions[k].rules.push(i);
+                continue;
             }
             let ports: Vec<u16> = if r.ports.is_empty() {
                 vec![0]
@@ -435,29 +494,35 @@ impl PolicyState {
 }
 
 /// The bytes of a `struct mp_policy_key` (checked against the generated
-/// type by a unit test).
-pub(crate) fn key_bytes(src: u32, dst: u32, dport: u16, proto: u8) -> [u8; 12] {
-    let mut k = [0u8; 12];
-    k[0..4].copy_from_slice(&src.to_ne_bytes());
-    k[4..8].copy_from_slice(&dst.to_ne_bytes());
-    k[8..10].copy_from_slice(&dport.to_ne_bytes());
-    k[10] = proto;
+/// type by a unit test): ids at 0 and 8, port at 16, protocol at 18, the
+/// padding zero.
+pub(crate) fn key_bytes(
+    src: IdentityNumber,
+    dst: IdentityNumber,
+    dport: u16,
+    proto: u8,
+) -> PolicyKeyBytes {
+    let mut k = [0u8; POLICY_KEY_LEN];
+    k[0..8].copy_from_slice(&src.to_ne_bytes());
+    k[8..16].copy_from_slice(&dst.to_ne_bytes());
+    k[16..18].copy_from_slice(&dport.to_ne_bytes());
+    k[18] = proto;
     k
 }
 
 /// The `struct mp_policy_key` for key bytes from [`key_bytes`].
-pub(crate) fn key_of_bytes(b: &[u8; 12]) -> crate::abi::PolicyKey {
+pub(crate) fn key_of_bytes(b: &PolicyKeyBytes) -> crate::abi::PolicyKey {
     let mut k = crate::abi::PolicyKey::default();
-    // SAFETY: PolicyKey is Plain (abi.rs) and exactly 12 bytes (checked
-    // by key_bytes_match_the_generated_struct).
+    // SAFETY: PolicyKey is Plain (abi.rs) and exactly POLICY_KEY_LEN bytes
+    // (checked by key_bytes_match_the_generated_struct).
     unsafe { plain::as_mut_bytes(&mut k) }.copy_from_slice(b);
     k
 }
 
 /// The key bytes of a `struct mp_policy_key`.
-pub(crate) fn bytes_of_key(k: &crate::abi::PolicyKey) -> [u8; 12] {
-    let mut b = [0u8; 12];
-    // SAFETY: PolicyKey is Plain (abi.rs) and exactly 12 bytes.
+pub(crate) fn bytes_of_key(k: &crate::abi::PolicyKey) -> PolicyKeyBytes {
+    let mut b = [0u8; POLICY_KEY_LEN];
+    // SAFETY: PolicyKey is Plain (abi.rs) and exactly POLICY_KEY_LEN bytes.
     b.copy_from_slice(unsafe { plain::as_bytes(k) });
     b
 }
@@ -483,15 +548,17 @@ mod tests {
     #[test]
     fn key_bytes_match_the_generated_struct() {
         let k = crate::abi::PolicyKey {
-            src_id: 7,
+            src_id: 7 << 40,
             dst_id: 9,
             dport: 5432,
             proto: 6,
             pad: 0,
+            pad1: 0,
         };
+        assert_eq!(std::mem::size_of::<crate::abi::PolicyKey>(), POLICY_KEY_LEN);
         // SAFETY: PolicyKey is Plain (abi.rs).
         let raw = unsafe { plain::as_bytes(&k) };
-        assert_eq!(raw, &key_bytes(7, 9, 5432, 6)[..]);
+        assert_eq!(raw, &key_bytes(7 << 40, 9, 5432, 6)[..]);
         assert_eq!(
             bytes_of_key(&key_of_bytes(&key_bytes(1, 2, 3, 4))),
             key_bytes(1, 2, 3, 4)
@@ -500,7 +567,7 @@ mod tests {
 
     #[test]
     fn compiles_endpoints_rules_and_shapes() {
-        let c = state().compile().unwrap();
+        let c = state().compile(&IdentityKey::default()).unwrap();
         assert_eq!(c.endpoints.len(), 2);
         assert_eq!(c.rules.len(), 1);
         let all = ShapeBits::MP_SHAPE_SRC.0
@@ -518,30 +585,30 @@ mod tests {
             ports: vec![80, 0],
             ..s.policies[0].clone()
         });
-        let e = s.compile().unwrap_err().to_string();
+        let e = s.compile(&IdentityKey::default()).unwrap_err().to_string();
         assert!(e.starts_with("invalid policies[1].ports[1]"), "{e}");
 
         let mut s = state();
         s.policies[0].protocol = Protocol::Icmp;
-        let e = s.compile().unwrap_err().to_string();
+        let e = s.compile(&IdentityKey::default()).unwrap_err().to_string();
         assert!(e.starts_with("invalid policies[0].ports"), "{e}");
 
         let mut s = state();
         s.endpoints.push(Endpoint::new("127.0.0.2/32", DB).unwrap());
-        let e = s.compile().unwrap_err().to_string();
+        let e = s.compile(&IdentityKey::default()).unwrap_err().to_string();
         assert!(e.starts_with("invalid endpoints[2].ip"), "{e}");
         assert!(e.contains("already endpoints[0]"), "{e}");
         // The same address in its v4-mapped spelling is the same key.
         let mut s = state();
         s.endpoints
             .push(Endpoint::new("::ffff:127.0.0.2", DB).unwrap());
-        let e = s.compile().unwrap_err().to_string();
+        let e = s.compile(&IdentityKey::default()).unwrap_err().to_string();
         assert!(e.starts_with("invalid endpoints[2].ip"), "{e}");
         assert!(e.contains("already endpoints[0]"), "{e}");
         // Saying the same thing twice is not an error.
         let mut s = state();
         s.endpoints.push(s.endpoints[0].clone());
-        assert_eq!(s.compile().unwrap().endpoints.len(), 2);
+        assert_eq!(s.compile(&IdentityKey::default()).unwrap().endpoints.len(), 2);
     }
 
     #[test]
@@ -553,7 +620,7 @@ mod tests {
             .push(Rule::new(FE, DB, "tcp", &[5432], "deny").unwrap());
         s.policies
             .push(Rule::new(FE, DB, "tcp", &[5432], "allow").unwrap());
-        let c = s.compile().unwrap();
+        let c = s.compile(&IdentityKey::default()).unwrap();
         let (a, rule) = c.rules.values().next().copied().unwrap();
         assert_eq!(Action::from_raw(a), Some(Action::Deny));
         assert_eq!(rule, 2);
@@ -578,5 +645,78 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("default_action"));
+    }
+
+    /// Two names with one number (a tiny number space, unit tests only):
+    /// the one that sorts later is refused with its endpoints and rules,
+    /// whatever the order of the config; everything else compiles.
+    #[test]
+    fn a_collision_refuses_the_later_name_only() {
+        let key = IdentityKey::tiny(3);
+        let name = |i: usize| format!("spiffe://mesh.local/ns/t/sa/w{i}");
+        let mut s = PolicyState {
+            default_action: DefaultAction::Deny,
+            endpoints: (0..8)
+                .map(|i| Endpoint::new(&format!("198.18.0.{i}"), &name(i)).unwrap())
+                .collect(),
+            policies: (0..8)
+                .map(|i| Rule::new(&name(i), "*", "tcp", &[80], "allow").unwrap())
+                .collect(),
+        };
+        s.policies
+            .push(Rule::new("*", "world", "any", &[], "deny").unwrap());
+        let c = s.compile(&key).unwrap();
+        // 8 names in 3 numbers: 5 refused.
+        assert_eq!(c.collisions.len(), 5, "{:?}", c.collisions);
+        assert_eq!(c.identities.len(), 3 + 1, "three numbers and world");
+        for col in &c.collisions {
+            assert!(col.kept < col.refused, "{col}");
+            assert_eq!(col.number, col.kept.number(&key));
+            assert_eq!(col.number, col.refused.number(&key));
+            assert_eq!(c.identities.name(col.number), Some(&col.kept));
+            assert_eq!(col.endpoints.len(), 1);
+            assert_eq!(col.rules.len(), 1);
+            let i = col.endpoints[0];
+            assert_eq!(s.endpoints[i].identity, col.refused);
+            assert!(!c.endpoints.contains_key(&super::super::edit::key_of(&s.endpoints[i].ip)));
+            assert!(col.to_string().contains("refused"), "{col}");
+        }
+        // Everything not refused is there: 3 endpoints, 3 rules + 1.
+        assert_eq!(c.endpoints.len(), 3);
+        assert_eq!(c.rules.len(), 4);
+        // The same decision whatever the order.
+        let mut r = s.clone();
+        r.endpoints.reverse();
+        r.policies.reverse();
+        let rc = r.compile(&key).unwrap();
+        assert_eq!(rc.endpoints, c.endpoints);
+        assert_eq!(rc.identities, c.identities);
+        let refused = |c: &Compiled| -> Vec<Identity> {
+            c.collisions.iter().map(|x| x.refused.clone()).collect()
+        };
+        assert_eq!(refused(&rc), refused(&c));
+        // With the real derivation nothing collides.
+        let c = s.compile(&IdentityKey::default()).unwrap();
+        assert!(c.collisions.is_empty());
+        assert_eq!(c.endpoints.len(), 8);
+    }
+
+    /// An endpoint of a refused name leaves its address free: another
+    /// endpoint of the same address is no duplicate.
+    #[test]
+    fn a_refused_endpoint_is_no_duplicate() {
+        let key = IdentityKey::tiny(1);
+        let s = PolicyState {
+            endpoints: vec![
+                Endpoint::new("198.18.0.1", "spiffe://t/b").unwrap(),
+                Endpoint::new("198.18.0.1", "spiffe://t/a").unwrap(),
+            ],
+            ..PolicyState::default()
+        };
+        let c = s.compile(&key).unwrap();
+        assert_eq!(c.collisions.len(), 1);
+        assert_eq!(c.collisions[0].refused.to_string(), "spiffe://t/b");
+        assert_eq!(c.collisions[0].endpoints, vec![0]);
+        assert_eq!(c.endpoints.len(), 1);
     }
 }
