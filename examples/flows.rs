@@ -279,7 +279,7 @@ fn endpoint_is(e: Option<&proto::Endpoint>, id: &str) -> bool {
     let Some(e) = e else {
         return false;
     };
-    if let Ok(n) = id.parse::<u32>() {
+    if let Ok(n) = id.parse::<u64>() {
         return e.identity == n;
     }
     e.labels

@@ -214,7 +214,7 @@ fn host_key_layout() {
 fn endpoint_layout() {
     check(
         "mp_endpoint",
-        rust_layout!(meshpath::abi::EndpointValue, [identity, node]),
+        rust_layout!(meshpath::abi::EndpointValue, [identity, node, pad]),
     );
 }
 
@@ -224,7 +224,7 @@ fn policy_key_layout() {
         "mp_policy_key",
         rust_layout!(
             meshpath::abi::PolicyKey,
-            [src_id, dst_id, dport, proto, pad]
+            [src_id, dst_id, dport, proto, pad, pad1]
         ),
     );
 }
@@ -250,7 +250,7 @@ fn verdict_cache_layouts() {
         "mp_vcache_value",
         rust_layout!(
             meshpath::abi::VcacheValue,
-            [gen, src_id, dst_id, rule, verdict, matched, is_reply, pad]
+            [gen, rule, src_id, dst_id, verdict, matched, is_reply, pad, pad1]
         ),
     );
 }
@@ -292,9 +292,9 @@ fn flow_event_layout() {
                 daddr,
                 sport,
                 dport,
+                ifindex,
                 src_identity,
                 dst_identity,
-                ifindex,
                 count,
                 rule,
                 tx_msgs,
@@ -348,5 +348,105 @@ fn every_object_carries_the_same_abi_version() {
             .unwrap_or_else(|| panic!("mp_abi missing in {}", obj.display()));
         let v = e.iter().next().expect("MP_ABI_VERSION").value;
         assert_eq!(v as u32, meshpath::abi::ABI_VERSION, "{}", obj.display());
+    }
+}
+
+/// Identity numbers are 64-bit wherever the ABI carries one.
+#[test]
+fn identity_fields_are_64_bit() {
+    let fields = [
+        ("mp_endpoint", "identity"),
+        ("mp_policy_key", "src_id"),
+        ("mp_policy_key", "dst_id"),
+        ("mp_vcache_value", "src_id"),
+        ("mp_vcache_value", "dst_id"),
+        ("mp_auth_key", "local_id"),
+        ("mp_auth_key", "remote_id"),
+        ("mp_flow_event", "src_identity"),
+        ("mp_flow_event", "dst_identity"),
+    ];
+    for (st, field) in fields {
+        let mut seen = 0;
+        for obj in objects() {
+            let btf = Btf::from_path(&obj).unwrap();
+            let Some((_, members)) = layout(&btf, st) else {
+                continue;
+            };
+            let (_, off, size) = members
+                .iter()
+                .find(|(n, _, _)| n == field)
+                .unwrap_or_else(|| panic!("{st}.{field} missing"));
+            assert_eq!(*size, 8, "{st}.{field} in {}", obj.display());
+            assert_eq!(off % 8, 0, "{st}.{field} aligned");
+            seen += 1;
+        }
+        assert!(seen > 0, "{st} in no object");
+    }
+}
+
+/// Every map whose key or value carries an identity number has the `_v2`
+/// name of the 64-bit layout (a pin of the 32-bit layout is never
+/// reused), with the sizes of that layout; no object defines one of the
+/// old names.
+#[test]
+fn maps_carrying_identities_have_v2_names_and_64_bit_layouts() {
+    // (name, key size, value size); 0: not checked (ring buffers).
+    let want: &[(&str, u32, u32)] = &[
+        ("meshpath_endpoints_v2_0", 20, 16),
+        ("meshpath_endpoints_v2_1", 20, 16),
+        ("meshpath_hosts_v2_0", 16, 16),
+        ("meshpath_hosts_v2_1", 16, 16),
+        ("meshpath_policy_v2_0", 24, 8),
+        ("meshpath_policy_v2_1", 24, 8),
+        ("meshpath_verdict_cache_v2", 40, 32),
+        ("meshpath_identities_v2", 8, 256),
+        ("meshpath_auth_v2", 24, 8),
+        ("meshpath_auth_pending_v2", 24, 8),
+        ("meshpath_certs_v2", 8, 32),
+        ("meshpath_events_v2", 0, 0),
+        ("meshpath_auth_signals_v2", 0, 0),
+    ];
+    let old = [
+        "meshpath_endpoints_0",
+        "meshpath_endpoints_1",
+        "meshpath_hosts_0",
+        "meshpath_hosts_1",
+        "meshpath_policy_0",
+        "meshpath_policy_1",
+        "meshpath_verdict_cache",
+        "meshpath_identities",
+        "meshpath_auth",
+        "meshpath_auth_pending",
+        "meshpath_certs",
+        "meshpath_events",
+        "meshpath_auth_signals",
+    ];
+    let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+    for obj in objects() {
+        let open = libbpf_rs::ObjectBuilder::default()
+            .open_file(&obj)
+            .unwrap_or_else(|e| panic!("opening {}: {e}", obj.display()));
+        for m in open.maps() {
+            let name = m.name().to_string_lossy().into_owned();
+            assert!(
+                !old.contains(&name.as_str()),
+                "{} defines {name}: a 32-bit-era name",
+                obj.display()
+            );
+            if let Some((n, k, v)) = want.iter().find(|(n, _, _)| *n == name) {
+                *seen.entry(n).or_default() += 1;
+                if *k != 0 {
+                    assert_eq!(
+                        (m.key_size(), m.value_size()),
+                        (*k, *v),
+                        "{name} in {}",
+                        obj.display()
+                    );
+                }
+            }
+        }
+    }
+    for (n, _, _) in want {
+        assert!(seen.contains_key(n), "{n} is in no object");
     }
 }

@@ -30,7 +30,7 @@ use common::agent::{run_failing, setup, stop, Agent, TempDir};
 use common::{read_pattern, write_pattern, Netns, PinDir};
 use libbpf_rs::MapCore;
 use meshpath::cgroup::ScopedCgroup;
-use meshpath::policy::{Identity, NodeName, SpiffeId};
+use meshpath::policy::{Identity, IdentityKey, NodeName, SpiffeId};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType, SerialNumber,
@@ -44,8 +44,13 @@ const B_IP: &str = "198.18.0.2";
 const AUTH_PORT: u16 = 7443;
 const DB_PORT: u16 = 5432;
 
-fn id(spiffe: &str) -> u32 {
-    spiffe.parse::<Identity>().expect("a SPIFFE ID").number()
+/// The identity number under the default key (the agents here run
+/// without --identity-key).
+fn id(spiffe: &str) -> u64 {
+    spiffe
+        .parse::<Identity>()
+        .expect("a SPIFFE ID")
+        .number(&IdentityKey::default())
 }
 
 fn node_number(name: &str) -> u32 {
@@ -232,26 +237,52 @@ fn local_certificates_load_with_errors_naming_the_flag() {
     let provider = auth_tls::provider();
     let (fe_cert, fe_key) = write_leaf(&dir.0, "fe", &pki.leaf(FE, 7));
     let (_, db_key) = write_leaf(&dir.0, "db", &pki.leaf(DB, 8));
-    let c = auth_certs::load_local_cert(&fe_cert, &fe_key, &provider).unwrap();
+    let c =
+        auth_certs::load_local_cert(&fe_cert, &fe_key, &provider, &IdentityKey::default()).unwrap();
     assert_eq!((c.spiffe.as_str(), c.identity), (FE, id(FE)));
     let e = |r: anyhow::Result<auth_certs::LocalCert>| format!("{:#}", r.unwrap_err());
-    let msg = e(auth_certs::load_local_cert(&fe_cert, &db_key, &provider));
+    let msg = e(auth_certs::load_local_cert(
+        &fe_cert,
+        &db_key,
+        &provider,
+        &IdentityKey::default(),
+    ));
     assert!(
         msg.contains("--key") && msg.contains("does not match"),
         "{msg}"
     );
     let missing = dir.0.join("missing.pem");
-    let msg = e(auth_certs::load_local_cert(&missing, &fe_key, &provider));
+    let msg = e(auth_certs::load_local_cert(
+        &missing,
+        &fe_key,
+        &provider,
+        &IdentityKey::default(),
+    ));
     assert!(
         msg.contains("--cert") && msg.contains("cannot read"),
         "{msg}"
     );
     let (nosan, nosan_key) = write_leaf(&dir.0, "nosan", &pki.leaf_with(&[], 9, None));
-    let msg = e(auth_certs::load_local_cert(&nosan, &nosan_key, &provider));
+    let msg = e(auth_certs::load_local_cert(
+        &nosan,
+        &nosan_key,
+        &provider,
+        &IdentityKey::default(),
+    ));
     assert!(msg.contains("--cert") && msg.contains("SPIFFE"), "{msg}");
-    let msg = e(auth_certs::load_local_cert(&fe_key, &fe_key, &provider));
+    let msg = e(auth_certs::load_local_cert(
+        &fe_key,
+        &fe_key,
+        &provider,
+        &IdentityKey::default(),
+    ));
     assert!(msg.contains("holds no certificate"), "{msg}");
-    let msg = e(auth_certs::load_local_cert(&fe_cert, &fe_cert, &provider));
+    let msg = e(auth_certs::load_local_cert(
+        &fe_cert,
+        &fe_cert,
+        &provider,
+        &IdentityKey::default(),
+    ));
     assert!(
         msg.contains("--key") && msg.contains("no private key"),
         "{msg}"
@@ -294,7 +325,7 @@ fn verifiers_demand_the_spiffe_id_the_ca_and_validity() {
     let roots = Arc::new(auth_certs::load_ca(&ca).unwrap());
     let load = |name: &str, leaf: Leaf| {
         let (c, k) = write_leaf(&dir.0, name, &leaf);
-        auth_certs::load_local_cert(&c, &k, &provider).unwrap()
+        auth_certs::load_local_cert(&c, &k, &provider, &IdentityKey::default()).unwrap()
     };
     let fe = load("fe", pki.leaf(FE, 1));
     let db = load("db", pki.leaf(DB, 2));
@@ -396,14 +427,14 @@ struct Node {
 impl Node {
     /// The entries of this node's auth map: (local, remote, remote node),
     /// read from the agent's pinned map.
-    fn entries(&self) -> Vec<(u32, u32, u32)> {
-        let path = self.pin.0.join("meshpath_auth");
+    fn entries(&self) -> Vec<(u64, u64, u32)> {
+        let path = self.pin.0.join("meshpath_auth_v2");
         let Ok(m) = libbpf_rs::MapHandle::from_pinned_path(&path) else {
             return Vec::new();
         };
         let (real, mono) = clocks();
         let _ = real;
-        let mut out: Vec<(u32, u32, u32)> = m
+        let mut out: Vec<(u64, u64, u32)> = m
             .keys()
             .filter(|k| {
                 m.lookup(k, libbpf_rs::MapFlags::ANY)
@@ -412,8 +443,10 @@ impl Node {
                     .is_some_and(|v| u64::from_ne_bytes(v[..8].try_into().unwrap()) > mono)
             })
             .map(|k| {
-                let w = |i: usize| u32::from_ne_bytes(k[i * 4..i * 4 + 4].try_into().unwrap());
-                (w(0), w(1), w(2))
+                // struct mp_auth_key: u64 local, u64 remote, u32 node, pad.
+                let q = |i: usize| u64::from_ne_bytes(k[i..i + 8].try_into().unwrap());
+                let w = |i: usize| u32::from_ne_bytes(k[i..i + 4].try_into().unwrap());
+                (q(0), q(8), w(16))
             })
             .collect();
         out.sort();
@@ -967,7 +1000,10 @@ fn an_auth_flow_is_held_until_the_handshake_then_flows() {
 /// A fake peer agent's TLS credentials, from a leaf.
 fn fake_cert(w: &World, name: &str, leaf: &Leaf) -> Arc<auth_certs::LocalCert> {
     let (c, k) = write_leaf(&w.dir.0, name, leaf);
-    Arc::new(auth_certs::load_local_cert(&c, &k, &auth_tls::provider()).expect("a fake cert"))
+    Arc::new(
+        auth_certs::load_local_cert(&c, &k, &auth_tls::provider(), &IdentityKey::default())
+            .expect("a fake cert"),
+    )
 }
 
 fn roots(w: &World) -> Arc<rustls::RootCertStore> {
@@ -1081,7 +1117,7 @@ fn peers_with_bad_certificates_stay_denied() {
     let hello: serde_json::Value = serde_json::from_str(&hellos[0]).unwrap();
     assert_eq!(
         hello,
-        serde_json::json!({"meshpath_auth": 1, "op": "auth", "client": FE, "server": DB, "node": "node-a"})
+        serde_json::json!({"meshpath_auth": 2, "op": "auth", "client": FE, "server": DB, "node": "node-a"})
     );
     assert_eq!(prod.join().unwrap(), 0, "no connection got through");
     assert!(accept(&db, Duration::from_millis(10)).is_none());
@@ -1109,7 +1145,7 @@ fn peers_with_bad_certificates_stay_denied() {
         let outcome = w.a.netns.run(move || {
             let mut s = TcpStream::connect(format!("{B_IP}:{AUTH_PORT}")).expect("agent b");
             s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            let hello = serde_json::json!({"meshpath_auth": 1, "op": "auth", "client": FE,
+            let hello = serde_json::json!({"meshpath_auth": 2, "op": "auth", "client": FE,
                                            "server": DB, "node": "node-a"});
             s.write_all(format!("{hello}\n").as_bytes()).unwrap();
             let answer = read_line(&mut s);
@@ -1155,7 +1191,7 @@ fn peers_with_bad_certificates_stay_denied() {
     let refused = w.b.netns.run(|| {
         let mut s = TcpStream::connect(format!("{B_IP}:{AUTH_PORT}")).expect("agent b");
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let hello = serde_json::json!({"meshpath_auth": 1, "op": "auth", "client": FE,
+        let hello = serde_json::json!({"meshpath_auth": 2, "op": "auth", "client": FE,
                                        "server": DB, "node": "node-a"});
         s.write_all(format!("{hello}\n").as_bytes()).unwrap();
         read_line(&mut s)

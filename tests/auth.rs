@@ -10,14 +10,17 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
-use meshpath::policy::{DefaultAction, Endpoint, Identity, PolicyState, Rule};
+use meshpath::policy::{DefaultAction, Endpoint, Identity, IdentityKey, PolicyState, Rule};
 use meshpath::{AuthKey, CertInfo, Point, Verdict};
 
 const FE: &str = "spiffe://mesh.local/ns/shop/sa/frontend";
 const DB: &str = "spiffe://mesh.local/ns/db/sa/postgres";
 
-fn number(name: &str) -> u32 {
-    name.parse::<Identity>().unwrap().number()
+/// Its number under the default key (the datapaths here use it).
+fn number(name: &str) -> u64 {
+    name.parse::<Identity>()
+        .unwrap()
+        .number(&IdentityKey::default())
 }
 
 /// A TCP socket bound to `src`; create it inside the cgroup.

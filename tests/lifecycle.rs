@@ -380,8 +380,32 @@ fn udp_frame(dport: u16) -> Vec<u8> {
     f
 }
 
+/// Creates and pins at `dir/name` a hash map with the given key and
+/// value sizes (a map an older version left).
+fn pin_old_map(dir: &std::path::Path, name: &str, key_size: u32, value_size: u32) {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: a null name and options are allowed; the fd is owned here.
+    let fd = unsafe {
+        libbpf_sys::bpf_map_create(
+            libbpf_sys::BPF_MAP_TYPE_HASH,
+            std::ptr::null(),
+            key_size,
+            value_size,
+            16,
+            std::ptr::null(),
+        )
+    };
+    assert!(fd >= 0, "bpf_map_create: {fd}");
+    // SAFETY: a fresh fd nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let path = std::ffi::CString::new(dir.join(name).to_str().unwrap()).unwrap();
+    // SAFETY: a live fd and a NUL-terminated path.
+    let r = unsafe { libbpf_sys::bpf_obj_pin(fd.as_raw_fd(), path.as_ptr()) };
+    assert_eq!(r, 0, "bpf_obj_pin {name}");
+}
+
 #[test]
-fn a_pin_of_the_previous_layout_is_migrated_and_an_unknown_one_refused() {
+fn a_pin_of_the_32_bit_identity_era_is_refused_and_its_maps_never_reused() {
     use meshpath::policy::{DefaultAction, Endpoint, PolicyState, Rule};
     const XDP_DROP: u32 = 1;
     const XDP_PASS: u32 = 2;
@@ -389,24 +413,17 @@ fn a_pin_of_the_previous_layout_is_migrated_and_an_unknown_one_refused() {
     const B: &str = "spiffe://mesh.local/ns/test/sa/b";
     require_root();
     meshpath::bpffs::ensure_default_mount().unwrap();
-    let pins = PinDir::new("migrate");
+    let pins = PinDir::new("identity32");
     let opts = DatapathOptions::default()
         .pin_dir(&pins.0)
         .probe_quirks(false);
-    // 198.18.0.1 is A, 198.18.0.2 is B; A may send UDP 53 to B. A wildcard
-    // rule lets anyone (the world included) reach B on UDP 9, except A:
-    // an address misjudged as the world would pass on 9.
     let state = PolicyState {
         default_action: DefaultAction::Deny,
         endpoints: vec![
             Endpoint::new("198.18.0.1", A).unwrap(),
             Endpoint::new("198.18.0.2", B).unwrap(),
         ],
-        policies: vec![
-            Rule::new(A, B, "udp", &[53], "allow").unwrap(),
-            Rule::new("*", B, "udp", &[9], "allow").unwrap(),
-            Rule::new(A, B, "udp", &[9], "deny").unwrap(),
-        ],
+        policies: vec![Rule::new(A, B, "udp", &[53], "allow").unwrap()],
     };
     let judged = |dp: &Datapath| {
         (
@@ -419,68 +436,45 @@ fn a_pin_of_the_previous_layout_is_migrated_and_an_unknown_one_refused() {
     assert_eq!(judged(&dp1), (XDP_PASS, XDP_DROP));
     drop(dp1);
 
-    // Make the pins what version 2 left: single addresses in the live
-    // epoch's trie (both epochs here), the host hashes empty, version 2.
-    for epoch in 0..2 {
-        let hosts = pinned_map(&pins.0, &format!("meshpath_hosts_{epoch}"));
-        let tries = pinned_map(&pins.0, &format!("meshpath_endpoints_{epoch}"));
-        for (last, id) in [(1u8, A), (2, B)] {
-            let addr = meshpath::abi::HostKey {
-                addr: [
-                    0,
-                    0,
-                    u32::from_ne_bytes([0, 0, 0xff, 0xff]),
-                    u32::from_ne_bytes([198, 18, 0, last]),
-                ],
-            };
-            let v = meshpath::abi::EndpointValue {
-                identity: meshpath::policy::derive_number(id),
-                node: 0,
-            };
-            let k = meshpath::abi::LpmKey {
-                prefixlen: 128,
-                addr: addr.addr,
-            };
-            raw_update(&tries, &k, &v);
-            use std::os::fd::AsRawFd;
-            // SAFETY: a pointer to a key of the map's key size.
-            let r = unsafe {
-                libbpf_sys::bpf_map_delete_elem(
-                    hosts.as_raw_fd(),
-                    (&addr as *const meshpath::abi::HostKey).cast(),
-                )
-            };
-            assert_eq!(r, 0, "the host entry was there");
+    // What version 3 left besides: its maps of 32-bit identities under
+    // their old names (policy key 12 bytes, endpoint value 8, names keyed
+    // by 4 bytes), and its version in the settings.
+    let old = [
+        ("meshpath_policy_0", 12, 8),
+        ("meshpath_hosts_0", 16, 8),
+        ("meshpath_identities", 4, 256),
+        ("meshpath_auth", 16, 8),
+    ];
+    for (name, k, v) in old {
+        pin_old_map(&pins.0, name, k, v);
+    }
+    for version in [2, 3] {
+        set_pinned_abi_version(&pins.0, version);
+        match Datapath::load(&opts) {
+            Err(Error::Pinned { reason, .. }) => assert!(
+                reason.contains(&format!("layout version {version}"))
+                    && reason.contains("32-bit identity")
+                    && reason.contains("--cleanup"),
+                "{reason}"
+            ),
+            other => panic!("expected a refused pin, got {:?}", other.map(|_| ())),
         }
     }
-    set_pinned_abi_version(&pins.0, 2);
+    // Left alone.
+    for (name, _, _) in old {
+        assert!(pins.0.join(name).exists(), "{name}");
+    }
 
-    // Adopted: judged right before any change (the trie still answers),
-    // and after the first change moved the addresses to the host hash.
-    let dp2 = Datapath::load(&opts).expect("a version 2 pin is adopted");
+    // Maps of the old names are never opened: with this build's version
+    // the pins are adopted, the old maps ignored (their layouts would be
+    // refused otherwise), and policy judges as before.
+    set_pinned_abi_version(&pins.0, meshpath::abi::ABI_VERSION);
+    let dp2 = Datapath::load(&opts).expect("adopted, the old names ignored");
     assert!(dp2.adopted_pins());
-    // (The verdict cache would answer from dp1's judgements of the same
-    // policy generation: judged in full here.)
     dp2.set_verdict_cache(false).unwrap();
-    assert_eq!(judged(&dp2), (XDP_PASS, XDP_DROP), "adopted as it was");
-    dp2.set_verdict_cache(true).unwrap();
-    // The first change moves the two addresses in the copy it makes live
-    // (written to the hash, removed from the trie), then in the other one;
-    // the next finds both copies migrated.
-    let change = dp2.replace_policy(&state).unwrap();
-    assert_eq!(
-        (change.endpoints_written, change.endpoints_removed),
-        (2, 2),
-        "{change:?}"
-    );
-    assert_eq!(judged(&dp2), (XDP_PASS, XDP_DROP), "migrated");
-    let again = dp2.replace_policy(&state).unwrap();
-    assert_eq!(
-        (again.endpoints_written, again.endpoints_removed),
-        (0, 0),
-        "{again:?}"
-    );
-    assert_eq!(judged(&dp2), (XDP_PASS, XDP_DROP), "the other copy too");
+    assert_eq!(judged(&dp2), (XDP_PASS, XDP_DROP));
+    dp2.replace_policy(&state).unwrap();
+    assert_eq!(judged(&dp2), (XDP_PASS, XDP_DROP));
     drop(dp2);
 
     // An unknown version is refused, naming it, and left alone.
@@ -488,5 +482,10 @@ fn a_pin_of_the_previous_layout_is_migrated_and_an_unknown_one_refused() {
     match Datapath::load(&opts) {
         Err(Error::Pinned { reason, .. }) => assert!(reason.contains("99"), "{reason}"),
         other => panic!("expected a refused pin, got {:?}", other.map(|_| ())),
+    }
+    // --cleanup removes every meshpath pin, the old names included.
+    meshpath::bpffs::remove_pins(&pins.0).unwrap();
+    for (name, _, _) in old {
+        assert!(!pins.0.join(name).exists(), "{name} removed");
     }
 }

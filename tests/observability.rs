@@ -245,8 +245,8 @@ fn flows_json_prints_exactly_the_expected_lines() {
         assert_eq!(m.len(), 1, "one {k} {v}: {flows:#?}");
         m[0]
     };
-    let fe = serde_json::json!({"identity": derive_number(FE), "labels": spiffe(FE)});
-    let db = serde_json::json!({"identity": derive_number(DB), "labels": spiffe(DB)});
+    let fe = serde_json::json!({"identity": derive_number(&meshpath::policy::IdentityKey::default(), FE), "labels": spiffe(FE)});
+    let db = serde_json::json!({"identity": derive_number(&meshpath::policy::IdentityKey::default(), DB), "labels": spiffe(DB)});
     let world = serde_json::json!({"identity": 2, "labels": ["reserved:world"]});
     let ipv4 = |src: &str| serde_json::json!({"source": src, "destination": "127.0.0.3", "ipVersion": "IPv4"});
 

@@ -673,11 +673,14 @@ fn upserts_deletes_and_lists() {
     // Identities: numbers and names, known to the kernel map too.
     let ids = dp.identities().unwrap();
     let db_id: meshpath::policy::Identity = DB.parse().unwrap();
-    assert_eq!(ids.name(db_id.number()), Some(&db_id));
+    let db_n = dp.identity_number(&db_id);
     assert_eq!(
-        dp.identity_name(db_id.number()).unwrap().as_deref(),
-        Some(DB)
+        db_n,
+        db_id.number(&meshpath::policy::IdentityKey::default())
     );
+    assert!(db_n > u64::from(u32::MAX), "64-bit numbers (this one is)");
+    assert_eq!(ids.name(db_n), Some(&db_id));
+    assert_eq!(dp.identity_name(db_n).unwrap().as_deref(), Some(DB));
     let extra: meshpath::policy::Identity = "spiffe://mesh.local/ns/x/sa/y".parse().unwrap();
     let n = dp.upsert_identity(extra.clone()).unwrap();
     assert_eq!(

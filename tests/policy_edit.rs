@@ -26,7 +26,7 @@ const IDS: [&str; 6] = [
 
 /// Key bytes (prefix length over 128 bits, then the v4-mapped or IPv6
 /// address) -> (identity number, node number).
-type Entries = BTreeMap<(u32, [u8; 16]), (u32, u32)>;
+type Entries = BTreeMap<(u32, [u8; 16]), (u64, u32)>;
 
 fn octets(ip: IpAddr) -> [u8; 16] {
     match ip {
@@ -36,13 +36,16 @@ fn octets(ip: IpAddr) -> [u8; 16] {
 }
 
 /// What the maps must hold for `endpoints`.
-fn expected(endpoints: &[Endpoint]) -> Entries {
+fn expected(dp: &Datapath, endpoints: &[Endpoint]) -> Entries {
     endpoints
         .iter()
         .map(|e| {
             let plen = u32::from(e.ip.prefix_len()) + if e.ip.addr().is_ipv4() { 96 } else { 0 };
             let node = e.node.as_ref().map_or(0, NodeName::number);
-            ((plen, octets(e.ip.addr())), (e.identity.number(), node))
+            (
+                (plen, octets(e.ip.addr())),
+                (dp.identity_number(&e.identity), node),
+            )
         })
         .collect()
 }
@@ -51,22 +54,29 @@ fn u32_at(b: &[u8], i: usize) -> u32 {
     u32::from_ne_bytes(b[i..i + 4].try_into().unwrap())
 }
 
-fn value(m: &MapHandle, k: &[u8]) -> (u32, u32) {
+fn u64_at(b: &[u8], i: usize) -> u64 {
+    u64::from_ne_bytes(b[i..i + 8].try_into().unwrap())
+}
+
+/// A `struct mp_endpoint`: identity (u64) at 0, node at 8, zero padding.
+fn value(m: &MapHandle, k: &[u8]) -> (u64, u32) {
     let v = m
         .lookup(k, MapFlags::ANY)
         .expect("lookup")
         .expect("a listed key has a value");
-    (u32_at(&v, 0), u32_at(&v, 4))
+    assert_eq!(v.len(), 16);
+    assert_eq!(u32_at(&v, 12), 0, "padding");
+    (u64_at(&v, 0), u32_at(&v, 8))
 }
 
 /// What one copy holds: its host hash and its prefix trie together.
 fn copy(pins: &PinDir, epoch: u32) -> Entries {
     let mut out = Entries::new();
-    let hosts = pins.map(&format!("meshpath_hosts_{epoch}"));
+    let hosts = pins.map(&format!("meshpath_hosts_v2_{epoch}"));
     for k in hosts.keys() {
         out.insert((128, k[..16].try_into().unwrap()), value(&hosts, &k));
     }
-    let trie = pins.map(&format!("meshpath_endpoints_{epoch}"));
+    let trie = pins.map(&format!("meshpath_endpoints_v2_{epoch}"));
     for k in trie.keys() {
         let plen = u32_at(&k, 0);
         assert_ne!(plen, 128, "a single address in the trie of copy {epoch}");
@@ -76,14 +86,14 @@ fn copy(pins: &PinDir, epoch: u32) -> Entries {
 }
 
 /// The identity names in the kernel: number -> name.
-fn names(pins: &PinDir) -> BTreeMap<u32, String> {
-    let m = pins.map("meshpath_identities");
+fn names(pins: &PinDir) -> BTreeMap<u64, String> {
+    let m = pins.map("meshpath_identities_v2");
     m.keys()
         .map(|k| {
             let v = m.lookup(&k, MapFlags::ANY).unwrap().unwrap();
             let len = u32_at(&v, 0) as usize;
             (
-                u32_at(&k, 0),
+                u64_at(&k, 0),
                 String::from_utf8(v[4..4 + len].to_vec()).unwrap(),
             )
         })
@@ -94,24 +104,24 @@ fn names(pins: &PinDir) -> BTreeMap<u32, String> {
 /// exactly the identities in use.
 fn check(dp: &Datapath, pins: &PinDir, when: &str) {
     let state = dp.policy().expect("a policy is set");
-    let want = expected(&state.endpoints);
+    let want = expected(dp, &state.endpoints);
     for epoch in 0..2 {
         assert_eq!(copy(pins, epoch), want, "copy {epoch} {when}");
     }
-    let mut used: BTreeMap<u32, String> = state
+    let mut used: BTreeMap<u64, String> = state
         .endpoints
         .iter()
-        .map(|e| (e.identity.number(), e.identity.to_string()))
+        .map(|e| (dp.identity_number(&e.identity), e.identity.to_string()))
         .collect();
     for r in &state.policies {
         for p in [&r.from, &r.to] {
             if let meshpath::policy::Peer::Is(id) = p {
-                used.insert(id.number(), id.to_string());
+                used.insert(dp.identity_number(id), id.to_string());
             }
         }
     }
     assert_eq!(names(pins), used, "identity names {when}");
-    let listed: BTreeMap<u32, String> = dp
+    let listed: BTreeMap<u64, String> = dp
         .identities()
         .unwrap()
         .iter()

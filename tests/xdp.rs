@@ -1015,8 +1015,8 @@ fn the_verdict_cache_never_serves_a_stale_or_auth_verdict() {
         assert_eq!(dp.test_run_xdp(&auth).unwrap(), XDP_DROP);
     }
     let key = meshpath::AuthKey {
-        local: meshpath::policy::derive_number(SERVER),
-        remote: meshpath::policy::derive_number(CLIENT),
+        local: meshpath::policy::derive_number(&meshpath::policy::IdentityKey::default(), SERVER),
+        remote: meshpath::policy::derive_number(&meshpath::policy::IdentityKey::default(), CLIENT),
         remote_node: 0,
     };
     let lifetime = Duration::from_millis(1500);

@@ -122,7 +122,8 @@ MP_ALWAYS_INLINE void mp_auth_signal(const struct mp_auth_key *k, __u32 point)
 	sig.time_ns = now;
 	sig.key = *k;
 	sig.point = point;
-	if (bpf_ringbuf_output(&meshpath_auth_signals_v2, &sig, sizeof(sig), 0)) {
+	if (bpf_ringbuf_output(&meshpath_auth_signals_v2, &sig, sizeof(sig),
+			       0)) {
 		mp_count(MP_C_AUTH_SIGNALS_DROPPED);
 		return;
 	}

@@ -41,7 +41,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{anyhow, bail, Context};
-use meshpath::policy::{NodeName, PolicyState, SpiffeId};
+use meshpath::policy::{IdentityKey, NodeName, PolicyState, SpiffeId};
 use meshpath::{AuthKey, Datapath};
 use rustls::crypto::CryptoProvider;
 use rustls::RootCertStore;
@@ -64,12 +64,15 @@ struct Files {
     ca: PathBuf,
     peers: Option<PathBuf>,
     revoked: Option<PathBuf>,
+    /// The cluster's identity key (`--identity-key`): local identities'
+    /// numbers.
+    identity_key: IdentityKey,
 }
 
 /// What the files hold; replaced whole on SIGHUP.
 pub(crate) struct Material {
     /// Local identity number -> its credentials.
-    pub(crate) certs: BTreeMap<u32, Arc<LocalCert>>,
+    pub(crate) certs: BTreeMap<u64, Arc<LocalCert>>,
     pub(crate) roots: Arc<RootCertStore>,
     pub(crate) peers: Peers,
     pub(crate) revoked: Arc<Revoked>,
@@ -78,7 +81,7 @@ pub(crate) struct Material {
 }
 
 impl Files {
-    fn from_args(args: &Args) -> anyhow::Result<Files> {
+    fn from_args(args: &Args, identity_key: &IdentityKey) -> anyhow::Result<Files> {
         if args.certs.len() != args.keys.len() {
             bail!(
                 "--cert is given {} time{} and --key {}: give one --key per --cert, in the same \
@@ -109,6 +112,7 @@ impl Files {
             ca,
             peers: args.peers.clone(),
             revoked: args.revoked.clone(),
+            identity_key: identity_key.clone(),
         })
     }
 
@@ -138,11 +142,11 @@ impl Files {
         )
         .build()
         .map_err(|e| anyhow!("--ca {}: {e}", self.ca.display()))?;
-        let mut certs: BTreeMap<u32, Arc<LocalCert>> = BTreeMap::new();
+        let mut certs: BTreeMap<u64, Arc<LocalCert>> = BTreeMap::new();
         let mut warnings = Vec::new();
         let now = SystemTime::now();
         for (cert, key) in &self.pairs {
-            let c = load_local_cert(cert, key, provider)?;
+            let c = load_local_cert(cert, key, provider, &self.identity_key)?;
             if let Some(other) = certs.get(&c.identity) {
                 bail!(
                     "--cert {}: proves {}, like another --cert (serial {}): one certificate per \
@@ -237,7 +241,7 @@ pub(crate) struct Prepared {
 /// Checks the auth flags and files and binds `--auth-listen`; `None`
 /// when no auth flag is given (the agent then never authenticates:
 /// `auth` flows stay held).
-pub(crate) fn prepare(args: &Args) -> anyhow::Result<Option<Prepared>> {
+pub(crate) fn prepare(args: &Args, identity_key: &IdentityKey) -> anyhow::Result<Option<Prepared>> {
     let given: Vec<&str> = [
         (!args.certs.is_empty(), "--cert"),
         (!args.keys.is_empty(), "--key"),
@@ -262,7 +266,7 @@ pub(crate) fn prepare(args: &Args) -> anyhow::Result<Option<Prepared>> {
         );
     };
     let node = node_name(args).map_err(|e| anyhow!("{e} (needed for --auth-listen)"))?;
-    let files = Files::from_args(args)?;
+    let files = Files::from_args(args, identity_key)?;
     let provider = crate::auth_tls::provider();
     let (material, warnings) = files.load(&provider)?;
     for w in warnings {
@@ -487,7 +491,7 @@ impl Shared {
     }
 
     /// An identity number as a name for messages.
-    pub(crate) fn name(&self, id: u32) -> String {
+    pub(crate) fn name(&self, id: u64) -> String {
         if let Some(c) = self.material().certs.get(&id) {
             return c.spiffe.to_string();
         }
@@ -498,7 +502,7 @@ impl Shared {
     }
 
     /// The SPIFFE ID of a remote identity number, from the policy.
-    pub(crate) fn spiffe_of(&self, id: u32) -> Result<SpiffeId, String> {
+    pub(crate) fn spiffe_of(&self, id: u64) -> Result<SpiffeId, String> {
         let name = self
             .dp
             .identity_name(id)
@@ -545,7 +549,7 @@ impl Shared {
     }
 
     /// The key's local identity's certificate, if usable now.
-    pub(crate) fn usable_cert(&self, m: &Material, id: u32) -> Result<Arc<LocalCert>, String> {
+    pub(crate) fn usable_cert(&self, m: &Material, id: u64) -> Result<Arc<LocalCert>, String> {
         let c = m
             .certs
             .get(&id)

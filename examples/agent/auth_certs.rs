@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{anyhow, bail, Context};
-use meshpath::policy::{Identity, SpiffeId};
+use meshpath::policy::{Identity, IdentityKey, SpiffeId};
 use rustls::crypto::CryptoProvider;
 use rustls::sign::CertifiedKey;
 use rustls::RootCertStore;
@@ -113,8 +113,8 @@ pub(crate) fn serial_hex(serial: &[u8]) -> String {
 #[derive(Debug)]
 pub(crate) struct LocalCert {
     pub(crate) spiffe: SpiffeId,
-    /// `Identity::number()` of `spiffe`.
-    pub(crate) identity: u32,
+    /// The identity number of `spiffe` (under the cluster's key).
+    pub(crate) identity: u64,
     pub(crate) facts: CertFacts,
     /// The chain as presented (leaf first) with its signing key.
     pub(crate) key: Arc<CertifiedKey>,
@@ -151,6 +151,7 @@ pub(crate) fn load_local_cert(
     cert_path: &Path,
     key_path: &Path,
     provider: &CryptoProvider,
+    identity_key: &IdentityKey,
 ) -> anyhow::Result<LocalCert> {
     let chain = pem_certs("--cert", cert_path, &read("--cert", cert_path)?)?;
     let shown = cert_path.display();
@@ -186,7 +187,7 @@ pub(crate) fn load_local_cert(
         .min()
         .unwrap_or(leaf.not_after);
     Ok(LocalCert {
-        identity: Identity::Workload(spiffe.clone()).number(),
+        identity: Identity::Workload(spiffe.clone()).number(identity_key),
         spiffe,
         facts: leaf,
         key: Arc::new(certified),

@@ -394,9 +394,9 @@ pub(crate) fn restore(sh: &Shared) -> anyhow::Result<()> {
 /// by a `--cert` (they were in `old`), or gone from the config; and
 /// entries whose peer presented a revoked serial. Returns, per peer node,
 /// the identities it must drop.
-fn revoke_stale(sh: &Shared, old: Option<&Material>) -> Vec<(NodeName, SocketAddr, Vec<u32>)> {
+fn revoke_stale(sh: &Shared, old: Option<&Material>) -> Vec<(NodeName, SocketAddr, Vec<u64>)> {
     let m = sh.material();
-    let mut why: BTreeMap<u32, String> = BTreeMap::new();
+    let mut why: BTreeMap<u64, String> = BTreeMap::new();
     let revoked_by = || {
         m.revoked_path
             .as_ref()
@@ -417,14 +417,18 @@ fn revoke_stale(sh: &Shared, old: Option<&Material>) -> Vec<(NodeName, SocketAdd
         }
     }
     for spiffe in &m.revoked.identities {
-        let id = meshpath::policy::Identity::Workload(spiffe.clone()).number();
+        let id = sh
+            .dp
+            .identity_number(&meshpath::policy::Identity::Workload(spiffe.clone()));
         why.entry(id)
             .or_insert_with(|| format!("{spiffe}: identity is revoked ({})", revoked_by()));
     }
-    let configured: Option<BTreeSet<u32>> = sh
-        .dp
-        .policy()
-        .map(|p| p.endpoints.iter().map(|e| e.identity.number()).collect());
+    let configured: Option<BTreeSet<u64>> = sh.dp.policy().map(|p| {
+        p.endpoints
+            .iter()
+            .map(|e| sh.dp.identity_number(&e.identity))
+            .collect()
+    });
     let entries = match sh.dp.auth_entries() {
         Ok(e) => e,
         Err(e) => {
@@ -433,11 +437,11 @@ fn revoke_stale(sh: &Shared, old: Option<&Material>) -> Vec<(NodeName, SocketAdd
         }
     };
     // key -> the identity it is removed for.
-    let mut remove: Vec<(AuthKey, u32)> = Vec::new();
+    let mut remove: Vec<(AuthKey, u64)> = Vec::new();
     {
         let view = sh.view();
         for (key, _) in &entries {
-            let gone = |id: u32| configured.as_ref().is_some_and(|c| !c.contains(&id));
+            let gone = |id: u64| configured.as_ref().is_some_and(|c| !c.contains(&id));
             for id in [key.local, key.remote] {
                 if !why.contains_key(&id) && gone(id) {
                     why.insert(id, format!("{} is no longer in --config", sh.name(id)));
@@ -464,8 +468,8 @@ fn revoke_stale(sh: &Shared, old: Option<&Material>) -> Vec<(NodeName, SocketAdd
             }
         }
     }
-    let mut removed: BTreeMap<u32, usize> = BTreeMap::new();
-    let mut tell: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
+    let mut removed: BTreeMap<u64, usize> = BTreeMap::new();
+    let mut tell: BTreeMap<u32, BTreeSet<u64>> = BTreeMap::new();
     for (key, id) in remove {
         match sh.dp.auth_delete(key) {
             Ok(_) => {
@@ -627,7 +631,7 @@ pub(crate) fn peer_facts(
 /// Tells the agent at `addr` to drop its entries of `ids` with this node.
 /// Authenticated with a local certificate (one of `ids` if we hold it,
 /// any otherwise): a revoked one still may, removal only closes.
-async fn notify(sh: &Shared, addr: SocketAddr, ids: &[u32]) -> Result<u64, String> {
+async fn notify(sh: &Shared, addr: SocketAddr, ids: &[u64]) -> Result<u64, String> {
     let m = sh.material();
     let cert = ids
         .iter()

@@ -19,8 +19,9 @@
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
-/// The protocol version in every hello.
-pub(crate) const VERSION: u32 = 1;
+/// The protocol version in every hello. 2: identity numbers (`revoke`)
+/// are 64-bit, derived with the cluster's identity key.
+pub(crate) const VERSION: u32 = 2;
 
 /// The longest line accepted.
 const MAX_LINE: usize = 4096;
@@ -68,7 +69,7 @@ pub(crate) struct Request {
     pub(crate) until_ms: Option<u64>,
     /// `revoke`: identity numbers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) revoke: Option<Vec<u32>>,
+    pub(crate) revoke: Option<Vec<u64>>,
 }
 
 /// The server's reply, inside TLS.

@@ -108,7 +108,7 @@ fn plan(sh: &Shared, hello: &Hello, from: SocketAddr) -> Result<Plan, String> {
                 .ok_or("an auth hello without \"server\"")?
                 .parse()
                 .map_err(|_| "\"server\" is not a SPIFFE ID".to_string())?;
-            let id = Identity::Workload(want.clone()).number();
+            let id = sh.dp.identity_number(&Identity::Workload(want.clone()));
             if !m.certs.contains_key(&id) {
                 return Err(format!("node {} has no certificate for {want}", sh.node));
             }
@@ -197,7 +197,9 @@ async fn exchange(
             let until = req.until_ms.map_or(own, from_ms).min(own);
             let key = AuthKey {
                 local: plan.cert.identity,
-                remote: Identity::Workload(plan.client.clone()).number(),
+                remote: sh
+                    .dp
+                    .identity_number(&Identity::Workload(plan.client.clone())),
                 remote_node: plan.client_node,
             };
             if let Err(e) = sh.dp.auth_insert(key, until) {
@@ -267,7 +269,7 @@ async fn exchange(
 }
 
 /// Removes the entries with node `node` that involve one of `ids`.
-fn drop_entries(sh: &Shared, node: u32, ids: &[u32]) -> u64 {
+fn drop_entries(sh: &Shared, node: u32, ids: &[u64]) -> u64 {
     let entries = match sh.dp.auth_entries() {
         Ok(e) => e,
         Err(e) => {

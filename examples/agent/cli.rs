@@ -81,6 +81,13 @@ pub(crate) struct Args {
     )]
     pub(crate) stats_interval: Option<u64>,
 
+    /// The cluster's identity key: identity numbers are a keyed hash of
+    /// SPIFFE IDs, so every node must have the same key, and it must stay
+    /// secret. FILE holds 32+ hex digits or 16+ raw bytes. Without it the
+    /// public default key is used (a warning says so).
+    #[arg(long = "identity-key", value_name = "FILE")]
+    pub(crate) identity_key: Option<PathBuf>,
+
     /// Identity policy to enforce (JSON; re-read on SIGHUP). Without it
     /// everything is allowed.
     #[arg(long, value_name = "FILE")]

@@ -305,7 +305,7 @@ pub(crate) fn json(f: &proto::Flow) -> String {
     for (name, e) in [("source", &f.source), ("destination", &f.destination)] {
         if let Some(e) = e {
             let mut x = Obj::new();
-            x.uint("identity", e.identity.into());
+            x.uint("identity", e.identity);
             if !e.labels.is_empty() {
                 let labels: Vec<String> = e.labels.iter().map(|l| quote(l)).collect();
                 x.raw("labels", &format!("[{}]", labels.join(",")));

@@ -190,7 +190,10 @@ fn run(args: &Args) -> anyhow::Result<()> {
     }
     // Auth flags and files are checked, and --auth-listen bound, before
     // anything is loaded.
-    let auth = auth::prepare(args)?;
+    // The identity key is read (or its absence warned about) first: auth
+    // and the datapath derive identity numbers with it.
+    let identity_key = setup::identity_key(args)?;
+    let auth = auth::prepare(args, &identity_key)?;
     // A config that does not parse or validate fails before anything is
     // loaded.
     let state = args
@@ -207,7 +210,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
     }
     // Ports and sockets are taken before anything is loaded.
     let mut observe = observe::Observability::bind(args)?;
-    let dp = setup::load_datapath(args)?;
+    let dp = setup::load_datapath(args, &identity_key)?;
     if let (Some(dir), true) = (&args.pin, dp.adopted_pins()) {
         say(&format!(
             "agent: adopted the datapath pinned in {}: it kept working meanwhile",

@@ -17,6 +17,9 @@
 //! * `meshpath_policy_enabled`, `meshpath_policy_endpoints`,
 //!   `meshpath_policy_rules`, `meshpath_policy_identities`: the policy in
 //!   force (the desired state the agent applied);
+//! * `meshpath_policy_identity_collisions`: names the policy in force
+//!   refused because another name has their identity number
+//!   (`Datapath::identity_collisions`; 0 unless something is very wrong);
 //! * the agent's own: `meshpath_flow_events_read_total`,
 //!   `meshpath_flow_socket_clients`,
 //!   `meshpath_flow_socket_connections_total`,
@@ -395,6 +398,17 @@ fn render(dp: &Datapath, flows: &FlowStats) -> anyhow::Result<String> {
         "Identities (SPIFFE IDs with their numbers) the datapath knows.",
     );
     m.sample("meshpath_policy_identities", &[], identities as u64);
+    m.family(
+        "meshpath_policy_identity_collisions",
+        "gauge",
+        "Names the policy in force refused, with their endpoints and rules, because another \
+         name has their identity number.",
+    );
+    m.sample(
+        "meshpath_policy_identity_collisions",
+        &[],
+        dp.identity_collisions().len() as u64,
+    );
 
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     for (name, kind, help, v) in [

@@ -37,6 +37,20 @@ pub(crate) fn apply_policy(
             )))
         }
     };
+    for c in &change.identity_collisions {
+        // The rest of the policy is in force; this pair is not.
+        warn(&format!(
+            "config {}: identity collision: {} and {} have the same identity number {}: \
+             {} refused with its {} endpoints and {} rules (is the --identity-key secret?)",
+            path.display(),
+            c.kept,
+            c.refused,
+            c.number,
+            c.refused,
+            c.endpoints.len(),
+            c.rules.len()
+        ));
+    }
     let mut reset = change.flows_reset;
     if let Some(e) = &change.reset_error {
         // In force, but established flows it denies may live on: say so.

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use meshpath::cgroup::{self, CgroupDir};
+use meshpath::policy::IdentityKey;
 use meshpath::{
     AttachOptions, CgroupAttachment, Datapath, DatapathOptions, PortSide, XdpAttachment,
 };
@@ -59,8 +60,30 @@ pub(crate) fn validate_cgroups(args: &Args) -> anyhow::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-pub(crate) fn load_datapath(args: &Args) -> anyhow::Result<Datapath> {
-    let mut opts = DatapathOptions::default();
+/// The identity key of `--identity-key FILE`, or the default one (with a
+/// warning: it is public).
+pub(crate) fn identity_key(args: &Args) -> anyhow::Result<IdentityKey> {
+    let Some(path) = &args.identity_key else {
+        warn(
+            "running with the default identity key (no --identity-key FILE): it is public, so \
+             anyone who can name a workload can search offline for two names with one identity \
+             number; give every node of the cluster the same secret key",
+        );
+        return Ok(IdentityKey::default());
+    };
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("--identity-key {}: cannot read it", path.display()))?;
+    IdentityKey::from_file_contents(&bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "--identity-key {}: {e} (the file holds 32 or more hex digits, or 16 or more raw \
+             bytes)",
+            path.display()
+        )
+    })
+}
+
+pub(crate) fn load_datapath(args: &Args, key: &IdentityKey) -> anyhow::Result<Datapath> {
+    let mut opts = DatapathOptions::default().identity_key(key.clone());
     if let Some(dir) = &args.pin {
         opts = opts.pin_dir(dir);
     }

@@ -388,9 +388,9 @@ struct mp_vcache_key {
 /* Value of meshpath_verdict_cache_v2: the judgement of such a packet and
  * the policy generation it was made under (valid only while it is live). */
 struct mp_vcache_value {
-	__u32 gen;     /* mp_policy_gen of the word it was judged by */
-	__u32 rule;    /* the deciding rule, if matched */
-	__u64 src_id;  /* identities, as the judgement reports them */
+	__u32 gen;    /* mp_policy_gen of the word it was judged by */
+	__u32 rule;   /* the deciding rule, if matched */
+	__u64 src_id; /* identities, as the judgement reports them */
 	__u64 dst_id;
 	__u8 verdict;  /* enum mp_verdict */
 	__u8 matched;  /* a rule decided (not the default action) */
@@ -542,7 +542,7 @@ struct mp_flow_event {
 	__u32 ifindex; /* XDP and cgroup_skb: the device, else 0 */
 	__u64 src_identity;
 	__u64 dst_identity;
-	__u32 count; /* packets this event stands for (>= 1) */
+	__u32 count;   /* packets this event stands for (>= 1) */
 	__u32 rule;    /* number of the deciding rule, if `matched` */
 	__u64 tx_msgs; /* short-circuit: sent by the connecting end */
 	__u64 tx_bytes;

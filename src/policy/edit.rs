@@ -267,7 +267,11 @@ pub(crate) fn plan_batch(
     changes: &[EndpointChange],
 ) -> Option<BatchEdit> {
     let ids = &index.identities;
-    let mut view = View::of(state, ids, &changes.iter().map(|c| key_of(&c.ip())).collect());
+    let mut view = View::of(
+        state,
+        ids,
+        &changes.iter().map(|c| key_of(&c.ip())).collect(),
+    );
     let mut after = index.clone();
     let mut keys = BTreeMap::new();
     // Per address: the position of its last change and what stands.

@@ -498,6 +498,9 @@ mod tests {
             .find(|x| x.number(&key) == n)
             .unwrap();
         let e = map.insert(&other).unwrap_err().to_string();
-        assert!(e.contains("spiffe://t/a") && e.contains(&other.to_string()), "{e}");
+        assert!(
+            e.contains("spiffe://t/a") && e.contains(&other.to_string()),
+            "{e}"
+        );
     }
 }

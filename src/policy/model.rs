@@ -376,7 +376,11 @@ impl PolicyState {
         for id in self.named_identities() {
             if c.identities.insert(id).is_err() {
                 let number = c.identities.number_of(id);
-                let kept = c.identities.name(number).cloned().unwrap_or(Identity::World);
+                let kept = c
+                    .identities
+                    .name(number)
+                    .cloned()
+                    .unwrap_or(Identity::World);
                 refused.insert(id, c.collisions.len());
                 c.collisions.push(IdentityCollision {
                     number,
@@ -608,7 +612,10 @@ mod tests {
         // Saying the same thing twice is not an error.
         let mut s = state();
         s.endpoints.push(s.endpoints[0].clone());
-        assert_eq!(s.compile(&IdentityKey::default()).unwrap().endpoints.len(), 2);
+        assert_eq!(
+            s.compile(&IdentityKey::default()).unwrap().endpoints.len(),
+            2
+        );
     }
 
     #[test]
@@ -678,7 +685,9 @@ mod tests {
             assert_eq!(col.rules.len(), 1);
             let i = col.endpoints[0];
             assert_eq!(s.endpoints[i].identity, col.refused);
-            assert!(!c.endpoints.contains_key(&super::super::edit::key_of(&s.endpoints[i].ip)));
+            assert!(!c
+                .endpoints
+                .contains_key(&super::super::edit::key_of(&s.endpoints[i].ip)));
             assert!(col.to_string().contains("refused"), "{col}");
         }
         // Everything not refused is there: 3 endpoints, 3 rules + 1.
