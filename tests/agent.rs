@@ -385,6 +385,7 @@ fn help_exits_zero_and_names_the_contract_flags() {
         "--flow-socket",
         "--metrics",
         "--node",
+        "--identity-key",
     ] {
         assert!(
             text.contains(flag),
@@ -830,5 +831,110 @@ fn bad_xdp_interface_and_mode_are_one_line_naming_them() {
     assert!(
         !iface.show().contains("prog/xdp"),
         "a failed start left XDP attached"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// --identity-key: identity numbers are a keyed hash of SPIFFE IDs.
+
+/// Number -> name, from the agent's pinned names map (key: the 64-bit
+/// number; value: struct mp_identity_name).
+fn pinned_identities(pins: &common::PinDir) -> std::collections::BTreeMap<String, u64> {
+    use libbpf_rs::{MapCore, MapFlags};
+    let m = pins.map("meshpath_identities_v2");
+    m.keys()
+        .map(|k| {
+            let v = m.lookup(&k, MapFlags::ANY).unwrap().unwrap();
+            let len = u32::from_ne_bytes(v[..4].try_into().unwrap()) as usize;
+            (
+                String::from_utf8(v[4..4 + len].to_vec()).unwrap(),
+                u64::from_ne_bytes(k[..8].try_into().unwrap()),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn identity_key_decides_the_numbers_and_the_default_key_is_warned_about() {
+    use meshpath::policy::{Identity, IdentityKey};
+    let _serial = setup();
+    let w = PolicyWorld::new();
+    w.write(&policy_config(w.db_addr.port(), "allow"));
+    let keys = TempDir::new();
+    let hex_a = keys.0.join("a.hex");
+    fs::write(&hex_a, "00112233445566778899aabbccddeeff\n").unwrap();
+    let raw_b = keys.0.join("b.bin");
+    fs::write(&raw_b, [0xb7u8; 24]).unwrap();
+    let run = |key: Option<&Path>| {
+        let pins = common::PinDir::new("agent-identity-key");
+        let mut extra = vec!["--pin".to_string(), pins.arg()];
+        if let Some(k) = key {
+            extra.push("--identity-key".into());
+            extra.push(k.to_string_lossy().into_owned());
+        }
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let agent = w.agent(true, &extra);
+        let numbers = pinned_identities(&pins);
+        // Enforced under any key.
+        w.assert_allowed("127.0.0.2", "with an identity key");
+        w.assert_denied("127.0.0.4", "with an identity key");
+        let (_, stderr) = stop(agent);
+        (numbers, stderr)
+    };
+    let (a1, stderr) = run(Some(&hex_a));
+    assert!(!stderr.contains("default identity key"), "{stderr:?}");
+    let (a2, _) = run(Some(&hex_a));
+    let (b, _) = run(Some(&raw_b));
+    let (d, stderr) = run(None);
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.starts_with("agent: warning:") && l.contains("default identity key")),
+        "{stderr:?}"
+    );
+    assert_eq!(a1.len(), 2, "{a1:?}");
+    assert_eq!(a1, a2, "one key: the same numbers");
+    let key_a = IdentityKey::from_file_contents(&fs::read(&hex_a).unwrap()).unwrap();
+    for (name, n) in &a1 {
+        assert_eq!(
+            *n,
+            name.parse::<Identity>().unwrap().number(&key_a),
+            "{name}"
+        );
+        assert_ne!(Some(n), b.get(name), "another key: another number ({name})");
+        assert_ne!(Some(n), d.get(name), "the default key's number ({name})");
+        assert_eq!(
+            d[name],
+            name.parse::<Identity>()
+                .unwrap()
+                .number(&IdentityKey::default())
+        );
+    }
+
+    // A key file too short is refused, naming the flag and the minimum.
+    let short = keys.0.join("short");
+    fs::write(&short, "0123456789abcde").unwrap();
+    let failed = run_failing(&[
+        "--cgroup",
+        w.cg.path().to_str().unwrap(),
+        "--identity-key",
+        short.to_str().unwrap(),
+    ]);
+    let line = failed.one_line_error();
+    assert!(
+        line.contains("--identity-key") && line.contains("16"),
+        "{line}"
+    );
+    let missing = keys.0.join("missing");
+    let failed = run_failing(&[
+        "--cgroup",
+        w.cg.path().to_str().unwrap(),
+        "--identity-key",
+        missing.to_str().unwrap(),
+    ]);
+    let line = failed.one_line_error();
+    assert!(
+        line.contains("--identity-key") && line.contains("cannot read"),
+        "{line}"
     );
 }

@@ -257,6 +257,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
     if let Some(a) = &auth {
         ready.push_str(a.describe());
     }
+    setup::warn_default_identity_key(&identity_key);
     say(&ready).context("writing the ready line to stdout")?;
 
     let mut pins = setup::PinWatch::default();

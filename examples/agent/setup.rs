@@ -60,15 +60,10 @@ pub(crate) fn validate_cgroups(args: &Args) -> anyhow::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// The identity key of `--identity-key FILE`, or the default one (with a
-/// warning: it is public).
+/// The identity key of `--identity-key FILE`, or the default one (public:
+/// see [`warn_default_identity_key`]).
 pub(crate) fn identity_key(args: &Args) -> anyhow::Result<IdentityKey> {
     let Some(path) = &args.identity_key else {
-        warn(
-            "running with the default identity key (no --identity-key FILE): it is public, so \
-             anyone who can name a workload can search offline for two names with one identity \
-             number; give every node of the cluster the same secret key",
-        );
         return Ok(IdentityKey::default());
     };
     let bytes = std::fs::read(path)
@@ -80,6 +75,19 @@ pub(crate) fn identity_key(args: &Args) -> anyhow::Result<IdentityKey> {
             path.display()
         )
     })
+}
+
+/// The warning of an agent that runs with the default identity key
+/// (printed once it runs, so that a failed start stays one line).
+pub(crate) fn warn_default_identity_key(key: &IdentityKey) {
+    if key.is_default() {
+        warn(
+            "running with the default identity key (no --identity-key FILE): it is public, so \
+             anyone who can name a workload can search offline for two names with one identity \
+             number and have one of them refused; give every node of the cluster the same \
+             secret key",
+        );
+    }
 }
 
 pub(crate) fn load_datapath(args: &Args, key: &IdentityKey) -> anyhow::Result<Datapath> {
