@@ -245,9 +245,11 @@ fn flows_json_prints_exactly_the_expected_lines() {
         assert_eq!(m.len(), 1, "one {k} {v}: {flows:#?}");
         m[0]
     };
-    let fe = serde_json::json!({"identity": derive_number(&meshpath::policy::IdentityKey::default(), FE), "labels": spiffe(FE)});
-    let db = serde_json::json!({"identity": derive_number(&meshpath::policy::IdentityKey::default(), DB), "labels": spiffe(DB)});
-    let world = serde_json::json!({"identity": 2, "labels": ["reserved:world"]});
+    // Identity numbers are uint64: strings in the protobuf JSON mapping.
+    let number = |id| derive_number(&meshpath::policy::IdentityKey::default(), id).to_string();
+    let fe = serde_json::json!({"identity": number(FE), "labels": spiffe(FE)});
+    let db = serde_json::json!({"identity": number(DB), "labels": spiffe(DB)});
+    let world = serde_json::json!({"identity": "2", "labels": ["reserved:world"]});
     let ipv4 = |src: &str| serde_json::json!({"source": src, "destination": "127.0.0.3", "ipVersion": "IPv4"});
 
     for f in &flows {
@@ -1052,8 +1054,8 @@ fn json_lines_follow_the_protobuf_json_mapping() {
             "verdict": "DROPPED",
             "IP": {"source": "::1", "destination": "fd00::\"2", "ipVersion": "IPv6"},
             "l4": {"UDP": {"source_port": 5353, "destination_port": 53}},
-            "source": {"identity": 77},
-            "destination": {"identity": 1, "labels": ["reserved:host"]},
+            "source": {"identity": "77"},
+            "destination": {"identity": "1", "labels": ["reserved:host"]},
             "Type": "L3_L4",
             "node_name": "n1",
             "traffic_direction": "INGRESS",

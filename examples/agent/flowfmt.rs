@@ -305,7 +305,8 @@ pub(crate) fn json(f: &proto::Flow) -> String {
     for (name, e) in [("source", &f.source), ("destination", &f.destination)] {
         if let Some(e) = e {
             let mut x = Obj::new();
-            x.uint("identity", e.identity);
+            // uint64 (64-bit identity numbers): a string.
+            x.uint64("identity", e.identity);
             if !e.labels.is_empty() {
                 let labels: Vec<String> = e.labels.iter().map(|l| quote(l)).collect();
                 x.raw("labels", &format!("[{}]", labels.join(",")));
