@@ -45,7 +45,7 @@ enum mp_pkt_kind {
  * meshpath_ct_v2: key struct mp_ct_key, value struct mp_ct_value.  Written
  * and read by the packet hooks and the socket iterators; read by the
  * library (Datapath::conntrack).  LRU, one list for all CPUs (see
- * meshpath_verdict_cache): a full map evicts, it never fails a packet.
+ * meshpath_verdict_cache_v2): a full map evicts, it never fails a packet.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);

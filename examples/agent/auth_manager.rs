@@ -337,7 +337,7 @@ async fn next_signal(
 }
 
 /// Binds every local identity's certificate in the datapath
-/// (`meshpath_certs`) and unbinds identities no longer given.
+/// (`meshpath_certs_v2`) and unbinds identities no longer given.
 pub(crate) fn register_certificates(sh: &Shared, _old: Option<&Material>) -> anyhow::Result<()> {
     let m = sh.material();
     for (id, c) in &m.certs {

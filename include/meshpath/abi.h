@@ -253,9 +253,9 @@ struct mp_settings {
 	__u8 optout_rcvlowat; /* 1: SO_RCVLOWAT > 1 keeps a socket on TCP */
 	__u8 busy_detect;     /* 1: a peer whose lock is held gets TCP */
 	__u64 policy;	      /* the policy word, see enum mp_policy_word */
-	__u8 events;	      /* 1: report flow events (meshpath_events) */
+	__u8 events;	      /* 1: report flow events (meshpath_events_v2) */
 	__u8 verdict_cache;   /* 1: packet hooks cache verdicts per flow
-				 (meshpath_verdict_cache) */
+				 (meshpath_verdict_cache_v2) */
 	/* 1: the socket iterators leave policy resets to the library, which
 	 * destroys the sockets they report through sock_diag (set where the
 	 * kernel lacks bpf_sock_destroy, or when asked: lib/destroy.h) */
