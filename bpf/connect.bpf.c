@@ -47,31 +47,39 @@ MP_ALWAYS_INLINE void mp_connect_event(struct bpf_sock_addr *ctx, __u32 point,
 				       __u8 proto, __u16 sport, __u16 dport,
 				       const struct mp_judgement *j)
 {
-	struct mp_flow_event ev = {};
+	struct mp_flow_event *ev;
+	__u32 count = 1;
 
-	__builtin_memcpy(ev.saddr, src, sizeof(ev.saddr));
-	__builtin_memcpy(ev.daddr, dst, sizeof(ev.daddr));
-	ev.sport = sport;
-	ev.dport = dport;
-	ev.proto = proto;
-	ev.ipv6 =
+	if (!(point == MP_POINT_CONNECT && j->verdict == MP_V_ALLOW))
+		count = mp_event_agg_count(src, dst, 0, dport, proto, point,
+					   j->verdict);
+	if (!count)
+		return;
+	/* Built in the ring: the stack has little room beside the judging
+	 * path and the rule lookup's frame. */
+	ev = mp_event_reserve();
+	if (!ev)
+		return;
+	__builtin_memcpy(ev->saddr, src, sizeof(ev->saddr));
+	__builtin_memcpy(ev->daddr, dst, sizeof(ev->daddr));
+	ev->count = count;
+	ev->sport = sport;
+	ev->dport = dport;
+	ev->proto = proto;
+	ev->ipv6 =
 	    !(dst[0] == 0 && dst[1] == 0 && dst[2] == bpf_htonl(0x0000ffff));
-	ev.type = MP_EV_POLICY;
-	ev.point = point;
-	ev.verdict = j->verdict;
-	ev.src_identity = j->src_id;
-	ev.dst_identity = j->dst_id;
-	ev.rule = j->rule;
-	ev.matched = j->matched;
-	ev.is_reply = j->is_reply;
-	ev.direction = MP_TRAFFIC_EGRESS;
-	ev.cookie = bpf_get_socket_cookie(ctx);
-	ev.cgroup_id = bpf_get_current_cgroup_id();
-	ev.count = 1;
-	if (point == MP_POINT_CONNECT && j->verdict == MP_V_ALLOW)
-		mp_event_emit(&ev);
-	else
-		mp_event_aggregate(&ev);
+	ev->type = MP_EV_POLICY;
+	ev->point = point;
+	ev->verdict = j->verdict;
+	ev->src_identity = j->src_id;
+	ev->dst_identity = j->dst_id;
+	ev->rule = j->rule;
+	ev->matched = j->matched;
+	ev->is_reply = j->is_reply;
+	ev->direction = MP_TRAFFIC_EGRESS;
+	ev->cookie = bpf_get_socket_cookie(ctx);
+	ev->cgroup_id = bpf_get_current_cgroup_id();
+	mp_event_submit(ev);
 }
 
 /*

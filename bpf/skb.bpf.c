@@ -25,29 +25,39 @@ MP_ALWAYS_INLINE void mp_skb_event(struct __sk_buff *skb, __u32 point,
 				   const struct mp_pkt *p,
 				   const struct mp_judgement *j)
 {
-	struct mp_flow_event ev = {};
+	struct mp_flow_event *ev;
+	__u32 count;
 
-	__builtin_memcpy(ev.saddr, p->saddr, sizeof(ev.saddr));
-	__builtin_memcpy(ev.daddr, p->daddr, sizeof(ev.daddr));
-	ev.sport = p->sport;
-	ev.dport = p->dport;
-	ev.proto = p->proto;
-	ev.tcp_flags = p->tcp_flags;
-	ev.ipv6 = p->ipv6;
-	ev.type = MP_EV_PACKET;
-	ev.point = point;
-	ev.verdict = j->verdict;
-	ev.src_identity = j->src_id;
-	ev.dst_identity = j->dst_id;
-	ev.rule = j->rule;
-	ev.matched = j->matched;
-	ev.is_reply = j->is_reply;
-	ev.direction =
+	count = mp_event_agg_count(p->saddr, p->daddr, skb->ifindex, p->dport,
+				   p->proto, point, j->verdict);
+	if (!count)
+		return;
+	/* Built in the ring: no room on this program's stack. */
+	ev = mp_event_reserve();
+	if (!ev)
+		return;
+	__builtin_memcpy(ev->saddr, p->saddr, sizeof(ev->saddr));
+	__builtin_memcpy(ev->daddr, p->daddr, sizeof(ev->daddr));
+	ev->count = count;
+	ev->sport = p->sport;
+	ev->dport = p->dport;
+	ev->proto = p->proto;
+	ev->tcp_flags = p->tcp_flags;
+	ev->ipv6 = p->ipv6;
+	ev->type = MP_EV_PACKET;
+	ev->point = point;
+	ev->verdict = j->verdict;
+	ev->src_identity = j->src_id;
+	ev->dst_identity = j->dst_id;
+	ev->rule = j->rule;
+	ev->matched = j->matched;
+	ev->is_reply = j->is_reply;
+	ev->direction =
 	    point == MP_POINT_INGRESS ? MP_TRAFFIC_INGRESS : MP_TRAFFIC_EGRESS;
-	ev.ifindex = skb->ifindex;
-	ev.cookie = bpf_get_socket_cookie(skb);
-	ev.cgroup_id = bpf_skb_cgroup_id(skb);
-	mp_event_aggregate(&ev);
+	ev->ifindex = skb->ifindex;
+	ev->cookie = bpf_get_socket_cookie(skb);
+	ev->cgroup_id = bpf_skb_cgroup_id(skb);
+	mp_event_submit(ev);
 }
 
 MP_ALWAYS_INLINE int mp_skb_judge(struct __sk_buff *skb, __u32 point)

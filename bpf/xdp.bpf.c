@@ -93,26 +93,37 @@ MP_ALWAYS_INLINE int mp_xdp_parse(void *data, void *data_end, struct mp_pkt *p)
 MP_ALWAYS_INLINE void mp_xdp_event(struct xdp_md *ctx, const struct mp_pkt *p,
 				   const struct mp_judgement *j)
 {
-	struct mp_flow_event ev = {};
+	struct mp_flow_event *ev;
+	__u32 count;
 
-	__builtin_memcpy(ev.saddr, p->saddr, sizeof(ev.saddr));
-	__builtin_memcpy(ev.daddr, p->daddr, sizeof(ev.daddr));
-	ev.sport = p->sport;
-	ev.dport = p->dport;
-	ev.proto = p->proto;
-	ev.tcp_flags = p->tcp_flags;
-	ev.ipv6 = p->ipv6;
-	ev.type = MP_EV_PACKET;
-	ev.point = MP_POINT_XDP;
-	ev.verdict = j->verdict;
-	ev.src_identity = j->src_id;
-	ev.dst_identity = j->dst_id;
-	ev.rule = j->rule;
-	ev.matched = j->matched;
-	ev.is_reply = j->is_reply;
-	ev.direction = MP_TRAFFIC_INGRESS; /* received by the device */
-	ev.ifindex = ctx->ingress_ifindex;
-	mp_event_aggregate(&ev);
+	count =
+	    mp_event_agg_count(p->saddr, p->daddr, ctx->ingress_ifindex,
+			       p->dport, p->proto, MP_POINT_XDP, j->verdict);
+	if (!count)
+		return;
+	/* Built in the ring: no room on this program's stack. */
+	ev = mp_event_reserve();
+	if (!ev)
+		return;
+	__builtin_memcpy(ev->saddr, p->saddr, sizeof(ev->saddr));
+	__builtin_memcpy(ev->daddr, p->daddr, sizeof(ev->daddr));
+	ev->count = count;
+	ev->sport = p->sport;
+	ev->dport = p->dport;
+	ev->proto = p->proto;
+	ev->tcp_flags = p->tcp_flags;
+	ev->ipv6 = p->ipv6;
+	ev->type = MP_EV_PACKET;
+	ev->point = MP_POINT_XDP;
+	ev->verdict = j->verdict;
+	ev->src_identity = j->src_id;
+	ev->dst_identity = j->dst_id;
+	ev->rule = j->rule;
+	ev->matched = j->matched;
+	ev->is_reply = j->is_reply;
+	ev->direction = MP_TRAFFIC_INGRESS; /* received by the device */
+	ev->ifindex = ctx->ingress_ifindex;
+	mp_event_submit(ev);
 }
 
 SEC("xdp")

@@ -78,10 +78,14 @@ MP_ALWAYS_INLINE void mp_event_emit(struct mp_flow_event *ev)
 }
 
 /*
- * Reports `ev` unless an event for the same key went out less than the
- * interval ago; then the packet is folded into the next one (`count`).
+ * Whether a packet event for this key goes out now: how many packets it
+ * stands for (>= 1), or 0 when an event for the key went out less than
+ * the interval ago and the packet is folded into the next one.
  */
-MP_ALWAYS_INLINE void mp_event_aggregate(struct mp_flow_event *ev)
+MP_ALWAYS_INLINE __u32 mp_event_agg_count(const __u32 saddr[4],
+					  const __u32 daddr[4], __u32 ifindex,
+					  __u16 dport, __u8 proto, __u8 point,
+					  __u8 verdict)
 {
 	struct mp_settings *cfg = mp_settings();
 	struct mp_agg_key k = {};
@@ -90,32 +94,55 @@ MP_ALWAYS_INLINE void mp_event_aggregate(struct mp_flow_event *ev)
 	__u64 interval;
 
 	if (!cfg)
-		return;
+		return 0;
 	interval = (__u64)cfg->event_interval_ms * 1000000ULL;
-	__builtin_memcpy(k.saddr, ev->saddr, sizeof(k.saddr));
-	__builtin_memcpy(k.daddr, ev->daddr, sizeof(k.daddr));
-	k.ifindex = ev->ifindex;
-	k.dport = ev->dport;
-	k.proto = ev->proto;
-	k.point = ev->point;
-	k.verdict = ev->verdict;
+	__builtin_memcpy(k.saddr, saddr, sizeof(k.saddr));
+	__builtin_memcpy(k.daddr, daddr, sizeof(k.daddr));
+	k.ifindex = ifindex;
+	k.dport = dport;
+	k.proto = proto;
+	k.point = point;
+	k.verdict = verdict;
 	v = bpf_map_lookup_elem(&meshpath_event_agg, &k);
 	if (v) {
 		if (now - v->last_ns < interval) {
 			__sync_fetch_and_add(&v->suppressed, 1);
 			mp_count(MP_C_EVENTS_AGGREGATED);
-			return;
+			return 0;
 		}
+		v->last_ns = now;
 		/* An exchange: a fold on another CPU between a read and a
 		 * store of 0 would be lost from the counts. */
-		ev->count = 1 + __sync_lock_test_and_set(&v->suppressed, 0);
-		v->last_ns = now;
-	} else {
-		ev->count = 1;
-		fresh.last_ns = now;
-		bpf_map_update_elem(&meshpath_event_agg, &k, &fresh, BPF_ANY);
+		return 1 + __sync_lock_test_and_set(&v->suppressed, 0);
 	}
-	mp_event_emit(ev);
+	fresh.last_ns = now;
+	bpf_map_update_elem(&meshpath_event_agg, &k, &fresh, BPF_ANY);
+	return 1;
+}
+
+/*
+ * A zeroed event built in place in the ring buffer (the packet hooks: an
+ * event on their stack would not fit beside their judging path and the
+ * rule lookup's frame, 512 bytes in all), to fill and pass to
+ * mp_event_submit.  NULL, counted as lost, when the ring is full.
+ */
+MP_ALWAYS_INLINE struct mp_flow_event *mp_event_reserve(void)
+{
+	struct mp_flow_event *ev =
+	    bpf_ringbuf_reserve(&meshpath_events_v2, sizeof(*ev), 0);
+
+	if (!ev) {
+		mp_count(MP_C_EVENTS_LOST);
+		return NULL;
+	}
+	__builtin_memset(ev, 0, sizeof(*ev));
+	return ev;
+}
+
+MP_ALWAYS_INLINE void mp_event_submit(struct mp_flow_event *ev)
+{
+	ev->time_ns = bpf_ktime_get_ns();
+	bpf_ringbuf_submit(ev, 0);
 }
 
 #endif /* MESHPATH_BPF_EVENTS_H */
