@@ -27,7 +27,7 @@ use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use common::agent::{run_failing, setup, stop, Agent, TempDir};
-use common::{read_pattern, write_pattern, Netns, PinDir};
+use common::{read_pattern, scaled, write_pattern, Netns, PinDir};
 use libbpf_rs::MapCore;
 use meshpath::cgroup::ScopedCgroup;
 use meshpath::policy::{Identity, IdentityKey, NodeName, SpiffeId};
@@ -699,7 +699,7 @@ fn accept(l: &TcpListener, within: Duration) -> Option<TcpStream> {
 /// Waits for a stdout line of `agent` starting with `prefix` and holding
 /// every one of `parts`; other lines are skipped.
 fn wait_for(agent: &mut Agent, prefix: &str, parts: &[&str], within: Duration) -> String {
-    let deadline = Instant::now() + within;
+    let deadline = Instant::now() + scaled(within);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let line = match agent.stdout.recv_timeout(left) {

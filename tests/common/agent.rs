@@ -232,7 +232,8 @@ impl Agent {
 
     /// Waits for the stdout line containing `ready`.
     pub fn wait_ready(&mut self) -> String {
-        let deadline = Instant::now() + READY_TIMEOUT;
+        let ready_timeout = super::scaled(READY_TIMEOUT);
+        let deadline = Instant::now() + ready_timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.stdout.recv_timeout(left) {
@@ -246,7 +247,7 @@ impl Agent {
                     let _ = self.child.kill();
                     let stderr = self.stderr_text();
                     panic!(
-                        "the agent printed no `ready` line within {READY_TIMEOUT:?}; stdout so far: \
+                        "the agent printed no `ready` line within {ready_timeout:?}; stdout so far: \
                          {:?}; stderr: {:?}",
                         self.seen, stderr
                     );
@@ -266,7 +267,7 @@ impl Agent {
 
     /// Waits for a stdout line starting with `prefix`.
     pub fn wait_line(&mut self, prefix: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + super::scaled(timeout);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.stdout.recv_timeout(left) {
@@ -312,7 +313,7 @@ impl Agent {
 
     /// Waits for the process to exit, at most `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + super::scaled(timeout);
         loop {
             if let Some(status) = self.child.try_wait().expect("waiting for the agent") {
                 return status;

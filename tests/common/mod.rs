@@ -36,6 +36,24 @@ pub fn require_root() {
     }
 }
 
+/// How much slower than this project's development VM the machine may be:
+/// `MESHPATH_TEST_TIME_SCALE` (default 1; scripts/kernels-guest.sh sets it
+/// for guests under software emulation, tens of times slower). Scales how
+/// long tests *wait* for something (an agent's ready line, its exit), never
+/// what they assert about how fast the datapath is.
+pub fn time_scale() -> u32 {
+    std::env::var("MESHPATH_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n >= 1)
+        .unwrap_or(1)
+}
+
+/// `d` times [`time_scale`].
+pub fn scaled(d: Duration) -> Duration {
+    d * time_scale()
+}
+
 /// The running kernel's (major, minor) version.
 pub fn kernel_version() -> (u32, u32) {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("kernel release");
