@@ -333,7 +333,7 @@ impl DatapathOptions {
         Ok(())
     }
 
-    fn max_entries_for(&self, map: &str) -> Option<u32> {
+    pub(crate) fn max_entries_for(&self, map: &str) -> Option<u32> {
         match map {
             "meshpath_sockets" | "meshpath_sock_index" => Some(self.max_sockets),
             "meshpath_endpoints_v2_0"
@@ -400,6 +400,10 @@ pub(crate) struct Inner {
     /// Flows reset from user space (sock_diag), added to the counters'
     /// `policy_resets`.
     pub(crate) diag_resets: std::sync::atomic::AtomicU64,
+    /// Adopted maps whose capacity is not the one asked for.
+    pub(crate) resized: Vec<crate::bpffs::MapSizeMismatch>,
+    /// Ownership of the pin directory; last, so released last.
+    pub(crate) pin_lock: Option<crate::bpffs::PinLock>,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -424,6 +428,11 @@ impl Datapath {
             Some(d) => Some(crate::bpffs::prepare_pin_dir(d)?),
             None => None,
         };
+        // One owner per pin directory, before anything pinned is opened.
+        let pin_lock = pin_dir
+            .as_deref()
+            .map(crate::bpffs::PinLock::acquire)
+            .transpose()?;
 
         let mut maps = MapSet::default();
         let pin = pin_dir.as_deref();
@@ -526,6 +535,7 @@ impl Datapath {
             maps.pin_all(dir)?;
         }
 
+        let resized = crate::bpffs::size_mismatches(&maps, opts);
         let mut inner = Inner {
             _msg_attach: msg_attach,
             sockops,
@@ -551,6 +561,8 @@ impl Datapath {
             flow_reader: Default::default(),
             auth_reader: Default::default(),
             diag_resets: Default::default(),
+            resized,
+            pin_lock,
         };
         if opts.probe_quirks {
             inner.quirks = KernelQuirks {
@@ -881,6 +893,10 @@ impl Datapath {
             return Ok(missing);
         }
         crate::bpffs::prepare_pin_dir(dir)?;
+        // A directory made anew is owned again first.
+        if let Some(lock) = &self.inner.pin_lock {
+            lock.refresh()?;
+        }
         for path in &missing {
             let name = path
                 .file_name()

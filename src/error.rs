@@ -130,6 +130,17 @@ pub enum Error {
         reason: String,
     },
 
+    /// Another datapath owns the pin directory (it holds the directory's
+    /// lock, see [`crate::bpffs::PinLock`]): one owner at a time, so that
+    /// what one reports is what is enforced.
+    #[error("pin directory {path} is in use by another meshpath datapath{}: one owner at a time; stop it first (or use another pin directory)", match pid { Some(p) => format!(" (process {p})"), None => String::new() })]
+    PinDirBusy {
+        /// The pin directory.
+        path: PathBuf,
+        /// The process holding it, when /proc/locks shows it.
+        pid: Option<u32>,
+    },
+
     /// An I/O error on a path.
     #[error("{op} {path}")]
     Io {

@@ -23,25 +23,119 @@ fn pinned_maps_are_adopted_by_the_next_load() {
     echo_rounds(&mut c, 100, 50);
     let first = env.counters();
     assert!(first.msgs_redirected >= 100);
-    // A second datapath on the same pins sees the same maps: the counters
-    // and the live sockets.
+    // The first datapath goes (its attachment stays pinned); the next one
+    // on the same pins sees the same maps: the counters and the live
+    // sockets.
+    let Env {
+        attachment,
+        cgroup,
+        dp,
+        _serial,
+    } = env;
+    drop(attachment);
+    drop(dp);
     let again = Datapath::load(
         &DatapathOptions::default()
             .pin_dir(&pins.0)
             .probe_quirks(false),
     )
     .unwrap();
+    assert!(again.adopted_pins());
     let seen = again.counters().unwrap();
     assert_eq!(seen.msgs_redirected, first.msgs_redirected);
     assert_eq!(again.sockhash_len().unwrap(), 2);
     drop(c);
     srv.join().unwrap();
-    env.wait_empty(Duration::from_secs(5));
-    assert_eq!(again.sockhash_len().unwrap(), 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while again.sockhash_len().unwrap() != 0 {
+        assert!(std::time::Instant::now() < deadline, "sockets left");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     drop(again);
-    drop(env);
+    drop(cgroup);
     assert!(meshpath::bpffs::remove_pins(&pins.0).unwrap() >= 7);
     assert!(!pins.0.exists(), "the empty pin directory is removed");
+}
+
+#[test]
+fn one_datapath_owns_a_pin_directory_at_a_time() {
+    require_root();
+    let pins = PinDir::new("owner");
+    let opts = DatapathOptions::default()
+        .pin_dir(&pins.0)
+        .probe_quirks(false);
+    let cg = ScopedCgroup::new("mp-test-pin-owner").unwrap();
+    let dp = Datapath::load(&opts).unwrap();
+    let att = dp.attach_cgroup(cg.path()).unwrap();
+    let me = std::process::id();
+    let busy = |what: &str, r: Result<(), Error>| match r {
+        Err(Error::PinDirBusy { path, pid }) => {
+            assert_eq!(path, pins.0, "{what}");
+            assert_eq!(pid, Some(me), "{what}: the holder is this process");
+        }
+        Err(e) => panic!("{what}: expected PinDirBusy, got {e}"),
+        Ok(()) => panic!("{what}: a second owner of {} was let in", pins.0.display()),
+    };
+    // A second load, a cleanup: refused while the first lives, in this
+    // process as in any other (the lock is per open directory).
+    busy("a second load", Datapath::load(&opts).map(|_| ()));
+    busy(
+        "remove_pins",
+        meshpath::bpffs::remove_pins(&pins.0).map(|_| ()),
+    );
+    let entries = pins.entries();
+    // An attachment keeps the datapath, and so the lock.
+    drop(dp);
+    busy("with an attachment left", Datapath::load(&opts).map(|_| ()));
+    assert_eq!(pins.entries(), entries, "nothing was touched");
+    drop(att);
+    let again = Datapath::load(&opts).expect("the lock went with the datapath");
+    assert!(again.adopted_pins());
+    drop(again);
+    assert!(meshpath::bpffs::remove_pins(&pins.0).unwrap() > 10);
+    assert!(!pins.0.exists());
+}
+
+#[test]
+fn adopted_maps_of_other_sizes_are_reported() {
+    require_root();
+    let pins = PinDir::new("sizes");
+    let opts = DatapathOptions::default()
+        .pin_dir(&pins.0)
+        .probe_quirks(false);
+    let dp = Datapath::load(&opts.clone().max_sockets(1024).max_endpoints(512)).unwrap();
+    assert!(dp.adopted_size_mismatches().is_empty(), "nothing adopted");
+    drop(dp);
+    let dp = Datapath::load(&opts.clone().max_sockets(1024).max_endpoints(512)).unwrap();
+    assert!(dp.adopted_pins());
+    assert!(dp.adopted_size_mismatches().is_empty(), "the same sizes");
+    drop(dp);
+    let dp = Datapath::load(&opts).unwrap();
+    let got: Vec<(String, u32, u32)> = dp
+        .adopted_size_mismatches()
+        .iter()
+        .map(|m| (m.map.clone(), m.pinned, m.requested))
+        .collect();
+    // The socket maps (max_sockets) and the endpoint maps (both copies of
+    // the prefixes and of the hosts, the identity names: max_endpoints).
+    assert_eq!(got.len(), 7, "{got:?}");
+    for (map, pinned, requested) in &got {
+        let want = match map.as_str() {
+            "meshpath_sockets" | "meshpath_sock_index" => (1024, 65_536),
+            m if m.starts_with("meshpath_endpoints")
+                || m.starts_with("meshpath_hosts")
+                || m.starts_with("meshpath_identities") =>
+            {
+                (512, 16_384)
+            }
+            other => panic!("{other} is not resized: {got:?}"),
+        };
+        assert_eq!((*pinned, *requested), want, "{map}");
+    }
+    let text = dp.adopted_size_mismatches()[0].to_string();
+    assert!(text.contains("as pinned"), "{text}");
+    drop(dp);
+    meshpath::bpffs::remove_pins(&pins.0).unwrap();
 }
 
 #[test]
