@@ -1,6 +1,6 @@
 //! Attachment guards: each detaches what it attached when dropped.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::Arc;
@@ -17,12 +17,71 @@ use crate::error::{Error, Result};
 #[must_use = "the programs are detached when this guard is dropped"]
 pub struct CgroupAttachment {
     // Links first: they detach before the datapath reference goes.
-    links: Vec<(&'static str, Link)>,
+    links: Vec<HookLink>,
     cgroup: CgroupDir,
     /// Pinned links persist when the guard drops (see `Datapath::load`
     /// with a pin directory); `detach` removes them.
     pinned: bool,
     _datapath: Arc<Inner>,
+}
+
+/// One program attached to the cgroup, by a BPF link.
+struct HookLink {
+    hook: &'static str,
+    link: LinkFd,
+    /// What the link was made to run, read from it when it was made: to
+    /// tell when it no longer does, and to attach it again.
+    program: Option<Attached>,
+}
+
+/// The program of a cgroup link and how it is attached.
+struct Attached {
+    prog: OwnedFd,
+    prog_id: u32,
+    attach_type: u32,
+}
+
+/// A link as libbpf-rs made it, or as [`CgroupAttachment::reattach`]
+/// made it (`BPF_LINK_CREATE`). Dropping either closes the fd, which
+/// detaches the program unless the link is pinned.
+enum LinkFd {
+    Lib(Link),
+    Raw(OwnedFd),
+}
+
+impl LinkFd {
+    fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            LinkFd::Lib(l) => l.as_fd(),
+            LinkFd::Raw(fd) => fd.as_fd(),
+        }
+    }
+}
+
+impl HookLink {
+    fn new(hook: &'static str, link: Link) -> HookLink {
+        let program = link_info(link.as_fd())
+            .ok()
+            .and_then(|(_, prog_id, attach_type)| {
+                // SAFETY: plain syscall wrapper.
+                let fd = unsafe { libbpf_sys::bpf_prog_get_fd_by_id(prog_id) };
+                if fd < 0 {
+                    return None;
+                }
+                // SAFETY: a fresh fd nothing else owns.
+                let prog = unsafe { OwnedFd::from_raw_fd(fd) };
+                Some(Attached {
+                    prog,
+                    prog_id,
+                    attach_type,
+                })
+            });
+        HookLink {
+            hook,
+            link: LinkFd::Lib(link),
+            program,
+        }
+    }
 }
 
 impl std::fmt::Debug for CgroupAttachment {
@@ -53,7 +112,10 @@ impl CgroupAttachment {
         pinned: bool,
     ) -> Self {
         CgroupAttachment {
-            links,
+            links: links
+                .into_iter()
+                .map(|(hook, link)| HookLink::new(hook, link))
+                .collect(),
             cgroup,
             pinned,
             _datapath: datapath,
@@ -83,7 +145,7 @@ impl CgroupAttachment {
 
     /// Names of the programs attached.
     pub fn programs(&self) -> Vec<&'static str> {
-        self.links.iter().map(|(n, _)| *n).collect()
+        self.links.iter().map(|l| l.hook).collect()
     }
 
     /// The pins of this attachment's links that are missing (removed from
@@ -104,8 +166,7 @@ impl CgroupAttachment {
             if path.exists() {
                 continue;
             }
-            let (_, link) = &self.links[i];
-            crate::maps::pin_fd(link.as_fd(), &path)?;
+            crate::maps::pin_fd(self.links[i].link.fd(), &path)?;
             done.push(path);
         }
         Ok(done)
@@ -117,10 +178,10 @@ impl CgroupAttachment {
                 .links
                 .iter()
                 .enumerate()
-                .map(|(i, (hook, _))| {
+                .map(|(i, l)| {
                     (
                         i,
-                        dir.join(crate::datapath::link_pin_name(self.cgroup.id(), hook)),
+                        dir.join(crate::datapath::link_pin_name(self.cgroup.id(), l.hook)),
                     )
                 })
                 .collect(),
@@ -128,28 +189,208 @@ impl CgroupAttachment {
         }
     }
 
+    /// The programs of this attachment that are no longer attached to the
+    /// cgroup: someone detached their link (`bpftool link detach`,
+    /// `BPF_LINK_DETACH` on a pin), switched it to another program, or
+    /// the cgroup no longer lists the program (`BPF_PROG_QUERY`). Empty
+    /// while everything is in place. [`CgroupAttachment::reattach`] puts
+    /// them back.
+    pub fn severed(&self) -> Result<Vec<Severed>> {
+        let mut out = Vec::new();
+        for l in &self.links {
+            if let Some(reason) = self.why_severed(l)? {
+                out.push(Severed {
+                    hook: l.hook,
+                    reason,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Attaches again every program [`CgroupAttachment::severed`] lists: a
+    /// link still on the cgroup is switched back to this datapath's
+    /// program (`BPF_LINK_UPDATE`), a detached one is replaced by a new
+    /// link (pinned where the old one was, when pinned). Returns what was
+    /// re-attached.
+    pub fn reattach(&mut self) -> Result<Vec<Severed>> {
+        let severed = self.severed()?;
+        let cgroup_id = self.cgroup.id();
+        let pin_dir = self._datapath.pin_dir.clone().filter(|_| self.pinned);
+        let target = format!("cgroup {} (attaching again)", self.cgroup.path().display());
+        for s in &severed {
+            let Some(l) = self.links.iter_mut().find(|l| l.hook == s.hook) else {
+                continue;
+            };
+            let err = |errno: i32| Error::Attach {
+                program: s.hook,
+                target: target.clone(),
+                source: libbpf_rs::Error::from_raw_os_error(errno),
+            };
+            // `why_severed` found none for a link whose program is unknown.
+            let Some(p) = &l.program else { continue };
+            let on_cgroup = link_info(l.link.fd())
+                .map_err(|e| err(e.raw_os_error().unwrap_or(libc::EIO)))?
+                .0
+                == cgroup_id;
+            if on_cgroup {
+                // SAFETY: plain syscall wrapper on live fds; null options
+                // are allowed.
+                let r = unsafe {
+                    libbpf_sys::bpf_link_update(
+                        l.link.fd().as_raw_fd(),
+                        p.prog.as_raw_fd(),
+                        std::ptr::null(),
+                    )
+                };
+                if r < 0 {
+                    return Err(err(-r));
+                }
+                continue;
+            }
+            // SAFETY: plain syscall wrapper on live fds; null options are
+            // allowed.
+            let fd = unsafe {
+                libbpf_sys::bpf_link_create(
+                    p.prog.as_raw_fd(),
+                    self.cgroup.as_fd().as_raw_fd(),
+                    p.attach_type,
+                    std::ptr::null(),
+                )
+            };
+            if fd < 0 {
+                return Err(err(-fd));
+            }
+            // SAFETY: the kernel just returned this fd; nothing else owns it.
+            let link = unsafe { OwnedFd::from_raw_fd(fd) };
+            if let Some(dir) = &pin_dir {
+                let path = dir.join(crate::datapath::link_pin_name(cgroup_id, s.hook));
+                // The old pin, if still there, holds the detached link.
+                match std::fs::remove_file(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(Error::io("unpinning the detached link", &path, e));
+                    }
+                    _ => {}
+                }
+                crate::maps::pin_fd(link.as_fd(), &path)?;
+            }
+            // The detached link is closed here.
+            l.link = LinkFd::Raw(link);
+        }
+        Ok(severed)
+    }
+
+    fn why_severed(&self, l: &HookLink) -> Result<Option<String>> {
+        let Some(p) = &l.program else {
+            return Err(Error::Attach {
+                program: l.hook,
+                target: format!(
+                    "cgroup {} (the link's program was not known when it was made)",
+                    self.cgroup.path().display()
+                ),
+                source: libbpf_rs::Error::from_raw_os_error(libc::ENOENT),
+            });
+        };
+        let (link_cgroup, link_prog, _) = link_info(l.link.fd())
+            .map_err(|e| Error::io("reading the link info of", self.cgroup.path(), e))?;
+        if link_cgroup != self.cgroup.id() {
+            return Ok(Some("its link was detached".into()));
+        }
+        if link_prog != p.prog_id {
+            return Ok(Some(format!(
+                "its link was switched to another program (id {link_prog})"
+            )));
+        }
+        let attached = attached_programs(self.cgroup.as_fd(), p.attach_type)
+            .map_err(|e| Error::io("querying the programs attached to", self.cgroup.path(), e))?;
+        if !attached.contains(&p.prog_id) {
+            return Ok(Some(format!(
+                "the cgroup does not list it (programs attached there: {attached:?})"
+            )));
+        }
+        Ok(None)
+    }
+
     /// Detaches now, reporting failures. Dropping detaches too, silently,
     /// unless the links are pinned: then only this does (and unpins them).
     pub fn detach(mut self) -> Result<()> {
         if self.pinned {
             if let Some(dir) = &self._datapath.pin_dir {
-                for (hook, _) in &self.links {
-                    let path = dir.join(crate::datapath::link_pin_name(self.cgroup.id(), hook));
+                for l in &self.links {
+                    let path = dir.join(crate::datapath::link_pin_name(self.cgroup.id(), l.hook));
                     let _ = std::fs::remove_file(&path);
                 }
             }
         }
-        for (name, link) in std::mem::take(&mut self.links) {
+        for l in std::mem::take(&mut self.links) {
             // BPF_LINK_DETACH, so that other references (a pin being
             // removed concurrently, another process) cannot keep it.
-            link.detach().map_err(|source| Error::Attach {
-                program: name,
-                target: format!("cgroup {} (detach)", self.cgroup.path().display()),
-                source,
-            })?;
+            // SAFETY: plain syscall wrapper on a link fd this guard owns.
+            let r = unsafe { libbpf_sys::bpf_link_detach(l.link.fd().as_raw_fd()) };
+            if r < 0 {
+                return Err(Error::Attach {
+                    program: l.hook,
+                    target: format!("cgroup {} (detach)", self.cgroup.path().display()),
+                    source: libbpf_rs::Error::from_raw_os_error(-r),
+                });
+            }
         }
         Ok(())
     }
+}
+
+/// A program of a [`CgroupAttachment`] found no longer attached
+/// ([`CgroupAttachment::severed`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Severed {
+    /// The hook (`sockops`, `connect4`, `ingress`, ...).
+    pub hook: &'static str,
+    /// What was found.
+    pub reason: String,
+}
+
+/// (cgroup id, program id, attach type) of a cgroup link: the cgroup id
+/// is 0 once the link is detached.
+fn link_info(link: BorrowedFd<'_>) -> std::io::Result<(u64, u32, u32)> {
+    let mut info = libbpf_sys::bpf_link_info::default();
+    let mut len = std::mem::size_of::<libbpf_sys::bpf_link_info>() as u32;
+    // SAFETY: `info` is a zeroed bpf_link_info and `len` its size.
+    let r = unsafe { libbpf_sys::bpf_link_get_info_by_fd(link.as_raw_fd(), &mut info, &mut len) };
+    if r < 0 {
+        return Err(std::io::Error::from_raw_os_error(-r));
+    }
+    if info.type_ != libbpf_sys::BPF_LINK_TYPE_CGROUP {
+        return Ok((0, info.prog_id, 0));
+    }
+    // SAFETY: a cgroup link's info fills the union's cgroup member.
+    let cg = unsafe { info.__bindgen_anon_1.cgroup };
+    Ok((cg.cgroup_id, info.prog_id, cg.attach_type))
+}
+
+/// The ids of the programs attached directly to the cgroup `cg` for
+/// `attach_type` (`BPF_PROG_QUERY`).
+fn attached_programs(cg: BorrowedFd<'_>, attach_type: u32) -> std::io::Result<Vec<u32>> {
+    // The kernel allows 64 programs per cgroup and hook.
+    let mut ids = [0u32; 128];
+    let mut count = ids.len() as u32;
+    let mut flags = 0u32;
+    // SAFETY: `ids` holds `count` u32s and `flags` one; all outlive the
+    // call, which writes at most `count` ids and updates `count`.
+    let r = unsafe {
+        libbpf_sys::bpf_prog_query(
+            cg.as_raw_fd(),
+            attach_type,
+            0,
+            &mut flags,
+            ids.as_mut_ptr(),
+            &mut count,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::from_raw_os_error(-r));
+    }
+    Ok(ids[..(count as usize).min(ids.len())].to_vec())
 }
 
 /// The sk_msg program attached to the SOCKHASH: a BPF link where the

@@ -43,7 +43,7 @@ mod stats;
 mod sys;
 mod xdp;
 
-pub use attach::CgroupAttachment;
+pub use attach::{CgroupAttachment, Severed};
 #[cfg(feature = "tokio")]
 pub use auth::AuthSignalStream;
 pub use auth::{AuthKey, AuthSignal, AuthSignalReader, CertInfo};

@@ -138,6 +138,130 @@ fn adopted_maps_of_other_sizes_are_reported() {
     meshpath::bpffs::remove_pins(&pins.0).unwrap();
 }
 
+/// Every BPF link attached to the cgroup at `path`: (link fd, attach
+/// type, program id).
+fn cgroup_links(path: &std::path::Path) -> Vec<(std::os::fd::OwnedFd, u32, u32)> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let cg = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).unwrap());
+    let mut out = Vec::new();
+    let mut id = 0u32;
+    loop {
+        let mut next = 0u32;
+        // SAFETY: plain syscall wrapper with an out parameter.
+        if unsafe { libbpf_sys::bpf_link_get_next_id(id, &mut next) } != 0 {
+            return out;
+        }
+        id = next;
+        // SAFETY: plain syscall wrapper.
+        let fd = unsafe { libbpf_sys::bpf_link_get_fd_by_id(id) };
+        if fd < 0 {
+            continue;
+        }
+        // SAFETY: a fresh fd nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut info = libbpf_sys::bpf_link_info::default();
+        let mut len = std::mem::size_of::<libbpf_sys::bpf_link_info>() as u32;
+        // SAFETY: `info` is a zeroed bpf_link_info and `len` its size.
+        let r = unsafe { libbpf_sys::bpf_link_get_info_by_fd(fd.as_raw_fd(), &mut info, &mut len) };
+        assert_eq!(r, 0);
+        if info.type_ != libbpf_sys::BPF_LINK_TYPE_CGROUP {
+            continue;
+        }
+        // SAFETY: the cgroup member is the one a cgroup link fills.
+        let c = unsafe { info.__bindgen_anon_1.cgroup };
+        if c.cgroup_id == cg {
+            out.push((fd, c.attach_type, info.prog_id));
+        }
+    }
+}
+
+#[test]
+fn severed_cgroup_links_are_found_and_attached_again() {
+    use std::os::fd::AsRawFd;
+    let mut env = Env::new("severed_links");
+    let att = env.attachment.as_mut().unwrap();
+    assert!(att.severed().unwrap().is_empty());
+    let programs = att.programs().len();
+
+    // BPF_LINK_DETACH on every link of the cgroup, by id (`bpftool link
+    // detach id N`).
+    let links = cgroup_links(env.cgroup.path());
+    assert_eq!(links.len(), programs);
+    for (fd, _, _) in &links {
+        // SAFETY: plain syscall wrapper on a live link fd.
+        assert_eq!(unsafe { libbpf_sys::bpf_link_detach(fd.as_raw_fd()) }, 0);
+    }
+    let att = env.attachment.as_mut().unwrap();
+    let severed = att.severed().unwrap();
+    assert_eq!(severed.len(), programs, "{severed:?}");
+    assert!(
+        severed.iter().all(|s| s.reason.contains("detached")),
+        "{severed:?}"
+    );
+    // Nothing enrolls meanwhile.
+    let before = env.counters();
+    drop(env.pair("127.0.0.2:0"));
+    assert_eq!(env.counters().since(&before).sockets_enrolled, 0);
+    let att = env.attachment.as_mut().unwrap();
+    let again = att.reattach().unwrap();
+    assert_eq!(again.len(), programs);
+    assert!(att.severed().unwrap().is_empty());
+    assert_eq!(cgroup_links(env.cgroup.path()).len(), programs);
+    let before = env.counters();
+    let (mut c, s) = env.pair("127.0.0.2:0");
+    let srv = echo_server(s);
+    echo_rounds(&mut c, 100, 10);
+    assert_eq!(env.counters().since(&before).sockets_enrolled, 2);
+    drop(c);
+    srv.join().unwrap();
+    env.wait_empty(Duration::from_secs(5));
+
+    // A link switched to another program (BPF_LINK_UPDATE with another
+    // datapath's sockops program) is switched back.
+    let other = Datapath::load(&DatapathOptions::default().probe_quirks(false)).unwrap();
+    let other_cg = ScopedCgroup::new("mp-test-severed-other").unwrap();
+    let other_att = other.attach_cgroup(other_cg.path()).unwrap();
+    let sockops = libbpf_sys::BPF_CGROUP_SOCK_OPS;
+    let foreign = cgroup_links(other_cg.path())
+        .into_iter()
+        .find(|(_, t, _)| *t == sockops)
+        .expect("the other sockops link")
+        .2;
+    // SAFETY: plain syscall wrapper.
+    let prog = unsafe { libbpf_sys::bpf_prog_get_fd_by_id(foreign) };
+    assert!(prog >= 0);
+    // SAFETY: a fresh fd nothing else owns.
+    let prog = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(prog) };
+    let (ours, _, ours_prog) = cgroup_links(env.cgroup.path())
+        .into_iter()
+        .find(|(_, t, _)| *t == sockops)
+        .expect("our sockops link");
+    // SAFETY: plain syscall wrapper on live fds; null options are allowed.
+    let r = unsafe {
+        libbpf_sys::bpf_link_update(ours.as_raw_fd(), prog.as_raw_fd(), std::ptr::null())
+    };
+    assert_eq!(r, 0, "BPF_LINK_UPDATE");
+    let att = env.attachment.as_mut().unwrap();
+    let severed = att.severed().unwrap();
+    assert_eq!(severed.len(), 1, "{severed:?}");
+    assert_eq!(severed[0].hook, "sockops");
+    assert!(
+        severed[0]
+            .reason
+            .contains(&format!("another program (id {foreign})")),
+        "{severed:?}"
+    );
+    att.reattach().unwrap();
+    assert!(att.severed().unwrap().is_empty());
+    let (_, _, now) = cgroup_links(env.cgroup.path())
+        .into_iter()
+        .find(|(_, t, _)| *t == sockops)
+        .unwrap();
+    assert_eq!(now, ours_prog, "our program again, on the same link");
+    drop(other_att);
+    drop(other);
+}
+
 #[test]
 fn an_incompatible_pin_is_refused_and_left_alone() {
     require_root();
