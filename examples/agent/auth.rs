@@ -122,16 +122,16 @@ impl Files {
         let roots = Arc::new(load_ca(&self.ca)?);
         let peers = match &self.peers {
             Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .with_context(|| format!("--peers {}: cannot read it", p.display()))?;
+                let text = crate::files::read_text("--peers", p, crate::files::SMALL_LIMIT)
+                    .with_context(|| format!("--peers {}", p.display()))?;
                 parse_peers(&text).map_err(|e| anyhow!("--peers {}: {e}", p.display()))?
             }
             None => Peers::default(),
         };
         let revoked = match &self.revoked {
             Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .with_context(|| format!("--revoked {}: cannot read it", p.display()))?;
+                let text = crate::files::read_text("--revoked", p, crate::files::REVOKED_LIMIT)
+                    .with_context(|| format!("--revoked {}", p.display()))?;
                 parse_revoked(&text).map_err(|e| anyhow!("--revoked {}: {e}", p.display()))?
             }
             None => Revoked::default(),
@@ -427,10 +427,10 @@ impl AuthService {
             Ok(m) => {
                 let _ = self.cmd.send(Cmd::Reload(m));
             }
-            Err(e) => eprintln!(
-                "agent: error: auth: {}; the auth files in force are unchanged",
+            Err(e) => crate::output::error(&format!(
+                "auth: {}; the auth files in force are unchanged",
                 one_line(&e)
-            ),
+            )),
         }
     }
 

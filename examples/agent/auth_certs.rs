@@ -4,6 +4,12 @@
 //!
 //! Pure: no datapath, no sockets; `tests/agent_auth.rs` includes this file
 //! with `#[path]` to test it without root. Errors name the flag and file.
+//! Files are read through `files` (bounded, regular files only), which
+//! lives here so that the test gets it too; the agent uses it as
+//! `crate::files`.
+
+#[path = "files.rs"]
+pub(crate) mod files;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -123,7 +129,8 @@ pub(crate) struct LocalCert {
 }
 
 fn read(flag: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("{flag} {}: cannot read it", path.display()))
+    files::read_file(flag, path, files::SMALL_LIMIT)
+        .with_context(|| format!("{flag} {}", path.display()))
 }
 
 /// Every PEM certificate in `bytes` (other PEM sections are skipped).

@@ -92,9 +92,8 @@ impl<'de> Deserialize<'de> for ConfigPort {
 /// column).
 pub(crate) fn load_config(path: &Path) -> anyhow::Result<PolicyState> {
     let ctx = || format!("config {}", path.display());
-    let text = std::fs::read_to_string(path)
-        .context("cannot read it")
-        .with_context(ctx)?;
+    let text =
+        crate::files::read_text("--config", path, crate::files::CONFIG_LIMIT).with_context(ctx)?;
     let file = parse_config(&text).with_context(ctx)?;
     build_state(file).with_context(ctx)
 }

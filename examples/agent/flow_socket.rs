@@ -3,7 +3,10 @@
 //! (prost's `encode_length_delimited`: a varint length, then the
 //! message), from the moment a client connects until it disconnects.
 //!
-//! Any number of clients (up to [`MAX_CLIENTS`]) at once. Each has its own
+//! Up to [`MAX_CLIENTS`] (64) clients at once; a client beyond that is
+//! accepted and closed at once, and counted
+//! (`meshpath_flow_socket_refused_total`; only the first refusal is a
+//! warning line, so a flood of clients cannot flood the log). Each has its own
 //! writer thread and a queue of [`QUEUE`] messages: the agent only ever
 //! queues without waiting, so a client that reads slowly or not at all
 //! never holds up the agent or the other clients. When its queue is full
@@ -236,10 +239,14 @@ impl Hub {
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         if clients.len() >= MAX_CLIENTS || self.closing.load(Ordering::Acquire) {
             drop(clients);
-            self.stats.socket_refused.fetch_add(1, Ordering::Relaxed);
-            warn(&format!(
-                "flow socket: refusing a client: {MAX_CLIENTS} are connected already"
-            ));
+            let before = self.stats.socket_refused.fetch_add(1, Ordering::Relaxed);
+            if before == 0 {
+                warn(&format!(
+                    "flow socket: refusing a client: {MAX_CLIENTS} are connected already (this \
+                     and later refusals are counted in meshpath_flow_socket_refused_total, not \
+                     reported one by one)"
+                ));
+            }
             return;
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);

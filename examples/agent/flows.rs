@@ -3,11 +3,12 @@
 //! stdout (`--flows`) and to the clients of `--flow-socket`.
 //!
 //! Reading never waits for a consumer: the socket's clients each have a
-//! bounded queue (see `flow_socket`). Stdout is written in batches; if
-//! writing it fails (closed pipe) the agent stops printing flows, says so,
-//! and keeps serving the socket.
+//! bounded queue (see `flow_socket`), and stdout is written by its own
+//! thread from a bounded queue (see `output`): flow lines that do not fit
+//! because stdout's reader is slow or stopped are dropped and counted
+//! (`stdout_dropped`). If writing stdout fails (closed pipe) the agent
+//! stops printing flows, says so, and keeps serving the socket.
 
-use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -20,7 +21,7 @@ use prost::Message as _;
 use crate::cli::FlowFormat;
 use crate::flow_socket::{Hub, Message};
 use crate::flowfmt;
-use crate::output::warn;
+use crate::output::{flow_lines, warn, Flowed};
 
 /// How long one wait for events lasts (and so how soon the pump stops).
 const POLL: Duration = Duration::from_millis(100);
@@ -33,6 +34,9 @@ const BATCH: usize = 512;
 pub(crate) struct FlowStats {
     /// Flow events read from the ring buffer.
     pub(crate) read: AtomicU64,
+    /// Flow lines not printed on stdout (`--flows`) because its reader
+    /// was behind by a full queue.
+    pub(crate) stdout_dropped: AtomicU64,
     /// Flow socket clients connected now.
     pub(crate) socket_clients: AtomicU64,
     /// Flow socket clients accepted since start.
@@ -106,6 +110,8 @@ impl Drop for FlowPump {
 fn pump(mut reader: FlowReader, sinks: &Sinks, stats: &FlowStats, stop: &AtomicBool) {
     let mut print = sinks.print;
     let mut lines = String::new();
+    let mut printed = 0u64;
+    let mut warned_drop = false;
     let mut failures = 0u32;
     // Batches read after stop: bounded, should traffic not stop.
     let mut drained = 0;
@@ -144,6 +150,7 @@ fn pump(mut reader: FlowReader, sinks: &Sinks, stats: &FlowStats, stop: &AtomicB
                 }
                 if print.is_some() {
                     lines.push('\n');
+                    printed += 1;
                 }
                 if let Some(hub) = want_socket {
                     let bytes: Message = msg.encode_length_delimited_to_vec().into();
@@ -157,15 +164,29 @@ fn pump(mut reader: FlowReader, sinks: &Sinks, stats: &FlowStats, stop: &AtomicB
             next = reader.try_next().unwrap_or(None);
         }
         if !lines.is_empty() {
-            let mut out = std::io::stdout().lock();
-            if let Err(e) = out.write_all(lines.as_bytes()).and_then(|()| out.flush()) {
-                drop(out);
-                warn(&format!(
-                    "writing flows to stdout: {e}: no longer printing them"
-                ));
-                print = None;
+            match flow_lines(std::mem::take(&mut lines)) {
+                Flowed::Queued => {}
+                Flowed::Dropped => {
+                    stats.stdout_dropped.fetch_add(printed, Ordering::Relaxed);
+                    if !warned_drop {
+                        warned_drop = true;
+                        warn(&format!(
+                            "flows: stdout is not being read fast enough: flow lines beyond a \
+                             {} MiB queue are dropped and counted \
+                             (meshpath_flow_stdout_dropped_total, flows_stdout_dropped in the \
+                             counters line)",
+                            crate::output::FLOW_QUEUE_BYTES >> 20
+                        ));
+                    }
+                }
+                Flowed::Failed(e) => {
+                    warn(&format!(
+                        "writing flows to stdout: {e}: no longer printing them"
+                    ));
+                    print = None;
+                }
             }
-            lines.clear();
+            printed = 0;
         }
         if stopping {
             drained += 1;

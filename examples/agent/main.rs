@@ -79,6 +79,26 @@
 //! the auth map; see `auth.rs`. The ready line then ends with `; auth on
 //! ADDR:PORT (node NAME, N identities)`.
 //!
+//! # Ownership, and what cannot wedge the agent
+//!
+//! With `--pin DIR` the agent owns DIR for its life (the library's
+//! `PinLock`, a `flock` on the directory released when the process dies):
+//! a second agent on DIR, and `--cleanup` of DIR, are refused with one
+//! `agent: error:` line naming the owner's pid, exit 1. `--cleanup` only
+//! removes meshpath's own pins (the maps and links the library names) and
+//! lists what it left alone; a directory off bpffs is refused. Every
+//! second the agent checks that its programs are still attached to each
+//! cgroup (`CgroupAttachment::severed`): programs detached from under it
+//! are reported, attached again and counted. Adopted maps whose sizes
+//! differ from the flags are warnings naming the map and both sizes.
+//!
+//! Nothing the agent reads or writes can stall its loop: stdout and stderr
+//! are written by threads of their own from bounded queues (`output`;
+//! `--flows` lines that do not fit are dropped and counted), file flags
+//! are read as regular files only, with a size limit and a timeout
+//! (`files`), and the metrics server serves every connection under one
+//! deadline without a thread per client.
+//!
 //! The command line is a contract other tools depend on: flag names are
 //! stable, and new flags are added as new fields of [`cli::Args`].
 //!
@@ -103,10 +123,14 @@
 //!   `auth_proto` (the exchange between agents), `auth_manager` (signals,
 //!   handshakes, renewals, revocations) and `auth_server` (the
 //!   `--auth-listen` side);
-//! * `output`: one-line stdout/stderr messages.
+//! * `files`: bounded reads of the files flags name (included through
+//!   `auth_certs`, so that `tests/agent_auth.rs` gets it too);
+//! * `output`: one-line stdout/stderr messages and the flow lines, each
+//!   stream written by its own thread from a bounded queue.
 
 mod auth;
 mod auth_certs;
+use auth_certs::files;
 mod auth_files;
 mod auth_manager;
 mod auth_proto;
@@ -136,25 +160,28 @@ use cli::{clap_one_line, Args};
 use output::{one_line, say, warn};
 
 fn main() -> ExitCode {
-    let args = match Args::try_parse() {
-        Ok(a) => a,
+    let code = match Args::try_parse() {
+        Ok(args) => match run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                output::error(&one_line(&e));
+                ExitCode::from(1)
+            }
+        },
         Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
             // --help and --version go to stdout and succeed.
             let _ = say(e.render().to_string().trim_end());
-            return ExitCode::SUCCESS;
+            ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("agent: error: {}; see agent --help", clap_one_line(&e));
-            return ExitCode::from(1);
-        }
-    };
-    match run(&args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("agent: error: {}", one_line(&e));
+            output::error(&format!("{}; see agent --help", clap_one_line(&e)));
             ExitCode::from(1)
         }
-    }
+    };
+    // What is queued for stdout and stderr is written, unless their
+    // readers stopped: then the agent does not wait for them.
+    output::finish();
+    code
 }
 
 fn run(args: &Args) -> anyhow::Result<()> {
@@ -205,8 +232,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         a.check_config(s, path)?;
     }
     for ns in &args.policy_reset_netns {
-        std::fs::File::open(ns)
-            .with_context(|| format!("--policy-reset-netns {}", ns.display()))?;
+        check_netns_file(ns).with_context(|| format!("--policy-reset-netns {}", ns.display()))?;
     }
     // Ports and sockets are taken before anything is loaded.
     let mut observe = observe::Observability::bind(args)?;
@@ -260,9 +286,15 @@ fn run(args: &Args) -> anyhow::Result<()> {
     setup::warn_default_identity_key(&identity_key);
     say(&ready).context("writing the ready line to stdout")?;
 
+    let mut attachments = attachments;
+    let mut links = setup::LinkWatch::new(observe.agent_stats());
     let mut pins = setup::PinWatch::default();
-    let signal = serve::serve(&sigfd, &dp, args, auth.as_ref(), &mut || {
-        pins.check(&dp, &attachments, &xdp)
+    let signal = serve::serve(&sigfd, &dp, args, auth.as_ref(), &observe, &mut || {
+        // Programs first: one attached again is pinned where it was.
+        links.check(&mut attachments);
+        if args.pin.is_some() {
+            pins.check(&dp, &attachments, &xdp);
+        }
     })?;
     if let Some(a) = auth {
         a.stop();
@@ -276,7 +308,8 @@ fn run(args: &Args) -> anyhow::Result<()> {
         drop(attachments);
         observe.stop();
         let _ = say(&format!(
-            "agent: {} received: the datapath stays attached to {n} cgroup{} and pinned in {},              exiting",
+            "agent: {} received: the datapath stays attached to {n} cgroup{} and pinned in {}, \
+             exiting",
             signal.as_str(),
             if n == 1 { "" } else { "s" },
             dir.display()
@@ -297,11 +330,11 @@ fn run(args: &Args) -> anyhow::Result<()> {
     for a in attachments {
         let path = a.cgroup().to_path_buf();
         if let Err(e) = a.detach() {
-            eprintln!(
-                "agent: warning: detaching from {}: {}",
+            warn(&format!(
+                "detaching from {}: {}",
                 path.display(),
                 one_line(&e.into())
-            );
+            ));
         }
     }
     // Sockets of a detached cgroup get no close callback: drop their
@@ -317,13 +350,48 @@ fn run(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--cleanup`: detaches and unpins everything in the pin directory.
+/// A network namespace file (nsfs: `/run/netns/NAME`, `/proc/PID/ns/net`),
+/// opened without waiting: anything else (a FIFO would block every reload
+/// that opens it) is refused.
+fn check_netns_file(path: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    const NSFS_MAGIC: i64 = 0x6e73_6673;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .context("cannot open it")?;
+    let st = nix::sys::statfs::fstatfs(&f).context("cannot read it")?;
+    #[allow(clippy::useless_conversion)]
+    let magic = i64::from(st.filesystem_type().0);
+    if magic != NSFS_MAGIC {
+        bail!("not a network namespace file (e.g. /run/netns/NAME or /proc/PID/ns/net)");
+    }
+    Ok(())
+}
+
+/// `--cleanup`: detaches and unpins everything meshpath pinned in the
+/// pin directory. Refused while an agent (any datapath) owns it; entries
+/// that are not meshpath's pins are left alone and listed.
 fn cleanup(args: &Args) -> anyhow::Result<()> {
     let Some(dir) = &args.pin else {
         bail!("--cleanup needs --pin DIR");
     };
-    let n = meshpath::bpffs::remove_pins(dir)
+    let done = meshpath::bpffs::cleanup(dir)
         .with_context(|| format!("--cleanup of --pin {}", dir.display()))?;
+    if !done.left.is_empty() {
+        let left: Vec<String> = done
+            .left
+            .iter()
+            .map(|(name, why)| format!("{name} ({why})"))
+            .collect();
+        warn(&format!(
+            "cleanup: left alone in {}, not meshpath's to remove: {}",
+            dir.display(),
+            left.join(", ")
+        ));
+    }
+    let n = done.removed.len();
     say(&format!(
         "agent: cleanup: detached and unpinned {n} object{} in {}",
         if n == 1 { "" } else { "s" },

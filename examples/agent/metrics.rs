@@ -1,7 +1,11 @@
 //! `--metrics ADDR:PORT`: Prometheus metrics (text exposition format
 //! 0.0.4) on `GET /metrics`, from a small HTTP/1.1 server on its own
-//! thread (one short-lived thread per request, at most
-//! [`MAX_REQUESTS`] at once; every response closes the connection).
+//! thread: non-blocking sockets under poll(2), every connection with one
+//! deadline of 5 s from accept to the end of its response, at most
+//! [`MAX_CONNECTIONS`] open (a newcomer closes the oldest unanswered
+//! one), every response closing the connection. Idle connections,
+//! requests sent a byte at a time and clients that never read cannot keep
+//! a scrape waiting.
 //!
 //! Every value is read when scraped:
 //!
@@ -24,7 +28,10 @@
 //!   `meshpath_flow_socket_clients`,
 //!   `meshpath_flow_socket_connections_total`,
 //!   `meshpath_flow_socket_refused_total`,
-//!   `meshpath_flow_socket_dropped_total`.
+//!   `meshpath_flow_socket_dropped_total`,
+//!   `meshpath_flow_stdout_dropped_total`,
+//!   `meshpath_agent_reattach_total`,
+//!   `meshpath_metrics_connections_dropped_total{reason}`.
 //!
 //! The datapath counters count since the maps were created: with `--pin`
 //! they survive agent restarts (no counter reset for Prometheus).
@@ -33,23 +40,27 @@ use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use meshpath::Datapath;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::flows::FlowStats;
+use crate::observe::AgentStats;
 use crate::output::warn;
 
-/// Requests served at once; more get 503.
-pub(crate) const MAX_REQUESTS: usize = 8;
+/// Connections served at once. When a new one arrives and this many are
+/// open, the oldest one still unanswered is closed to make room (counted),
+/// so idle or slow clients can never keep a scrape out.
+pub(crate) const MAX_CONNECTIONS: usize = 256;
 
-/// How long a client may take to send its request or read the response.
-const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a connection may take, from accept to the last byte of the
+/// response (request sent slowly, response read slowly, or neither).
+const DEADLINE: Duration = Duration::from_secs(5);
 
 /// The largest request head read (request line and headers).
 const MAX_HEAD: usize = 8 * 1024;
@@ -87,18 +98,24 @@ impl MetricsServer {
     }
 
     /// Starts serving.
-    pub(crate) fn start(&mut self, dp: &Datapath, flows: Arc<FlowStats>) -> anyhow::Result<()> {
+    pub(crate) fn start(
+        &mut self,
+        dp: &Datapath,
+        flows: Arc<FlowStats>,
+        agent: Arc<AgentStats>,
+    ) -> anyhow::Result<()> {
         let Some(listener) = self.listener.take() else {
             return Ok(());
         };
         let stop = self.stop.clone();
-        let source = Arc::new(Source {
+        let source = Source {
             dp: dp.clone(),
             flows,
-        });
+            agent,
+        };
         let thread = std::thread::Builder::new()
             .name("metrics".into())
-            .spawn(move || accept_loop(&listener, &source, &stop))
+            .spawn(move || serve_loop(&listener, &source, &stop))
             .context("starting the metrics thread")?;
         self.thread = Some(thread);
         Ok(())
@@ -118,166 +135,254 @@ impl Drop for MetricsServer {
 struct Source {
     dp: Datapath,
     flows: Arc<FlowStats>,
+    agent: Arc<AgentStats>,
 }
 
-fn accept_loop(listener: &TcpListener, source: &Arc<Source>, stop: &AtomicBool) {
-    let active = Arc::new(AtomicUsize::new(0));
+/// One client connection of the event loop.
+struct Conn {
+    stream: TcpStream,
+    started: Instant,
+    head: Vec<u8>,
+    /// The response once the request is read, and how much is written.
+    out: Option<(Vec<u8>, usize)>,
+}
+
+/// What became of a connection after it was served a little.
+enum Progress {
+    Open,
+    Done,
+}
+
+/// The server: one thread, non-blocking sockets and poll(2). Each
+/// connection has one overall [`DEADLINE`]; at most [`MAX_CONNECTIONS`]
+/// are open, the oldest unanswered one making room for a newcomer. A
+/// scrape therefore waits for nobody: not for idle connections, not for
+/// clients that send their request a byte at a time (slowloris), not for
+/// clients that never read their response.
+fn serve_loop(listener: &TcpListener, source: &Source, stop: &AtomicBool) {
+    let mut conns: Vec<Conn> = Vec::new();
     while !stop.load(Ordering::Acquire) {
-        let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::from(200u8)) {
-            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
-            Ok(_) => {}
-            Err(e) => {
-                warn(&format!("metrics: waiting for requests: {e}"));
-                std::thread::sleep(Duration::from_millis(200));
-                continue;
+        let now = Instant::now();
+        let next_deadline = conns
+            .iter()
+            .map(|c| c.started + DEADLINE)
+            .min()
+            .map_or(Duration::from_millis(200), |d| {
+                d.saturating_duration_since(now)
+            })
+            .min(Duration::from_millis(200));
+        let timeout = PollTimeout::try_from(next_deadline.as_millis().max(1) as i32)
+            .unwrap_or(PollTimeout::MAX);
+        let ready: Vec<bool> = {
+            let mut fds = Vec::with_capacity(conns.len() + 1);
+            fds.push(PollFd::new(listener.as_fd(), PollFlags::POLLIN));
+            for c in &conns {
+                let want = if c.out.is_some() {
+                    PollFlags::POLLOUT
+                } else {
+                    PollFlags::POLLIN
+                };
+                fds.push(PollFd::new(c.stream.as_fd(), want));
             }
-        }
-        let stream = match listener.accept() {
-            Ok((s, _)) => s,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => {
-                warn(&format!("metrics: accepting a connection: {e}"));
-                std::thread::sleep(Duration::from_millis(200));
-                continue;
+            match poll(&mut fds, timeout) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    warn(&format!("metrics: waiting for requests: {e}"));
+                    std::thread::sleep(Duration::from_millis(200));
+                    continue;
+                }
             }
+            fds.iter()
+                .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+                .collect()
         };
-        if active.fetch_add(1, Ordering::AcqRel) >= MAX_REQUESTS {
-            active.fetch_sub(1, Ordering::AcqRel);
-            let mut s = stream;
-            let _ = s.set_write_timeout(Some(Duration::from_millis(200)));
-            let _ = respond(&mut s, 503, "Service Unavailable", &[], "busy\n", false);
-            continue;
+        // Serve the ready connections (the listener's flag is first).
+        let mut i = conns.len();
+        while i > 0 {
+            i -= 1;
+            if !ready[i + 1] {
+                continue;
+            }
+            if let Progress::Done = serve_some(&mut conns[i], source) {
+                conns.swap_remove(i);
+            }
         }
-        let (source, active2) = (source.clone(), active.clone());
-        let spawned = std::thread::Builder::new()
-            .name("metrics-request".into())
-            .spawn(move || {
-                handle(stream, &source);
-                active2.fetch_sub(1, Ordering::AcqRel);
-            });
-        if spawned.is_err() {
-            active.fetch_sub(1, Ordering::AcqRel);
+        // Past their deadline: closed, counted.
+        let now = Instant::now();
+        let before = conns.len();
+        conns.retain(|c| now < c.started + DEADLINE);
+        source
+            .agent
+            .metrics_deadline
+            .fetch_add((before - conns.len()) as u64, Ordering::Relaxed);
+        if ready[0] {
+            accept_all(listener, &mut conns, source);
         }
     }
 }
 
-/// Serves one request on `stream`, then closes it.
-fn handle(mut stream: TcpStream, source: &Source) {
-    let _ = stream.set_nonblocking(false);
-    let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
-    let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
-    let head = match read_head(&mut stream) {
-        Ok(Some(h)) => h,
-        Ok(None) => {
-            let _ = respond(&mut stream, 400, "Bad Request", &[], "bad request\n", false);
-            return;
+/// Accepts every pending connection, making room by closing the oldest
+/// unanswered ones (else the oldest) when [`MAX_CONNECTIONS`] are open.
+fn accept_all(listener: &TcpListener, conns: &mut Vec<Conn>, source: &Source) {
+    loop {
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                // EMFILE and the like: make room, try again next round.
+                if let Some(oldest) = oldest(conns) {
+                    conns.swap_remove(oldest);
+                    source.agent.metrics_evicted.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    warn(&format!("metrics: accepting a connection: {e}"));
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                return;
+            }
+        };
+        if stream.set_nonblocking(true).is_err() {
+            continue;
         }
-        Err(_) => return, // timed out or reset: nobody to answer
+        if conns.len() >= MAX_CONNECTIONS {
+            if let Some(oldest) = oldest(conns) {
+                conns.swap_remove(oldest);
+                source.agent.metrics_evicted.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        conns.push(Conn {
+            stream,
+            started: Instant::now(),
+            head: Vec::new(),
+            out: None,
+        });
+    }
+}
+
+/// The connection to close first: the oldest still sending its request,
+/// else the oldest.
+fn oldest(conns: &[Conn]) -> Option<usize> {
+    let by_age = |only_unanswered: bool| {
+        conns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| !only_unanswered || c.out.is_none())
+            .min_by_key(|(_, c)| c.started)
+            .map(|(i, _)| i)
+    };
+    by_age(true).or_else(|| by_age(false))
+}
+
+/// Reads what the client sent or writes what it can take, without
+/// waiting.
+fn serve_some(c: &mut Conn, source: &Source) -> Progress {
+    if c.out.is_none() {
+        let mut chunk = [0u8; 2048];
+        loop {
+            match c.stream.read(&mut chunk) {
+                Ok(0) => return Progress::Done, // gone before asking
+                Ok(n) => {
+                    c.head.extend_from_slice(&chunk[..n]);
+                    let end = c
+                        .head
+                        .windows(4)
+                        .position(|w| w == b"\r\n\r\n")
+                        .or_else(|| c.head.windows(2).position(|w| w == b"\n\n"));
+                    if let Some(end) = end {
+                        let head = String::from_utf8(c.head[..end].to_vec()).ok();
+                        c.out = Some((answer(head.as_deref(), source), 0));
+                        break;
+                    }
+                    if c.head.len() > MAX_HEAD {
+                        c.out = Some((answer(None, source), 0));
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Progress::Open,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return Progress::Done,
+            }
+        }
+    }
+    let Some((out, written)) = &mut c.out else {
+        return Progress::Open;
+    };
+    while *written < out.len() {
+        match c.stream.write(&out[*written..]) {
+            Ok(0) => return Progress::Done,
+            Ok(n) => *written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Progress::Open,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return Progress::Done,
+        }
+    }
+    let _ = c.stream.shutdown(std::net::Shutdown::Write);
+    Progress::Done
+}
+
+/// The response to a request head (`None`: too long or not text).
+fn answer(head: Option<&str>, source: &Source) -> Vec<u8> {
+    let Some(head) = head else {
+        return response(400, "Bad Request", &[], "bad request\n", false);
     };
     let line = head.lines().next().unwrap_or("");
     let parts: Vec<&str> = line.split(' ').collect();
     let [method, target, version] = parts[..] else {
-        let _ = respond(&mut stream, 400, "Bad Request", &[], "bad request\n", false);
-        return;
+        return response(400, "Bad Request", &[], "bad request\n", false);
     };
     if !version.starts_with("HTTP/1.") {
-        let _ = respond(
-            &mut stream,
+        return response(
             505,
             "HTTP Version Not Supported",
             &[],
             "HTTP/1.0 or HTTP/1.1 only\n",
             false,
         );
-        return;
     }
     let head_only = method == "HEAD";
     if method != "GET" && !head_only {
-        let _ = respond(
-            &mut stream,
+        return response(
             405,
             "Method Not Allowed",
             &[("Allow", "GET, HEAD")],
             "only GET and HEAD\n",
             false,
         );
-        return;
     }
     let path = target.split('?').next().unwrap_or("");
     match path {
-        "/metrics" => match render(&source.dp, &source.flows) {
-            Ok(body) => {
-                let _ = respond(
-                    &mut stream,
-                    200,
-                    "OK",
-                    &[("Content-Type", CONTENT_TYPE)],
-                    &body,
-                    head_only,
-                );
-            }
-            Err(e) => {
-                let msg = format!("reading the datapath: {e:#}\n");
-                let _ = respond(
-                    &mut stream,
-                    500,
-                    "Internal Server Error",
-                    &[],
-                    &msg,
-                    head_only,
-                );
-            }
-        },
-        "/" => {
-            let _ = respond(
-                &mut stream,
+        "/metrics" => match render(&source.dp, &source.flows, &source.agent) {
+            Ok(body) => response(
                 200,
                 "OK",
-                &[],
-                "meshpath agent: metrics at /metrics\n",
+                &[("Content-Type", CONTENT_TYPE)],
+                &body,
                 head_only,
-            );
-        }
-        _ => {
-            let _ = respond(&mut stream, 404, "Not Found", &[], "not found\n", head_only);
-        }
+            ),
+            Err(e) => {
+                let msg = format!("reading the datapath: {e:#}\n");
+                response(500, "Internal Server Error", &[], &msg, head_only)
+            }
+        },
+        "/" => response(
+            200,
+            "OK",
+            &[],
+            "meshpath agent: metrics at /metrics\n",
+            head_only,
+        ),
+        _ => response(404, "Not Found", &[], "not found\n", head_only),
     }
 }
 
-/// The request head (up to the blank line); `None` when it is too long
-/// or not text.
-fn read_head(stream: &mut TcpStream) -> io::Result<Option<String>> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    loop {
-        let n = stream.read(&mut chunk)?;
-        if n == 0 {
-            return Ok(None);
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        let end = buf
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .or_else(|| buf.windows(2).position(|w| w == b"\n\n"));
-        if let Some(end) = end {
-            buf.truncate(end);
-            return Ok(String::from_utf8(buf).ok());
-        }
-        if buf.len() > MAX_HEAD {
-            return Ok(None);
-        }
-    }
-}
-
-fn respond(
-    stream: &mut TcpStream,
+fn response(
     code: u16,
     reason: &str,
     headers: &[(&str, &str)],
     body: &str,
     head_only: bool,
-) -> io::Result<()> {
+) -> Vec<u8> {
     let mut out = format!("HTTP/1.1 {code} {reason}\r\n");
     let mut has_type = false;
     for (k, v) in headers {
@@ -295,17 +400,14 @@ fn respond(
     if !head_only {
         out.push_str(body);
     }
-    stream.write_all(out.as_bytes())?;
-    stream.flush()?;
-    let _ = stream.shutdown(std::net::Shutdown::Write);
-    Ok(())
+    out.into_bytes()
 }
 
 // ---------------------------------------------------------------------------
 // The exposition.
 
 /// Every metric, in the text exposition format 0.0.4.
-fn render(dp: &Datapath, flows: &FlowStats) -> anyhow::Result<String> {
+fn render(dp: &Datapath, flows: &FlowStats, agent: &AgentStats) -> anyhow::Result<String> {
     let mut m = Exposition::default();
     let c = dp.counters().context("counters")?;
     for (name, v) in c.iter() {
@@ -433,7 +535,7 @@ fn render(dp: &Datapath, flows: &FlowStats) -> anyhow::Result<String> {
         (
             "meshpath_flow_socket_refused_total",
             "counter",
-            "Clients the flow socket refused because too many were connected.",
+            "Clients the flow socket refused because 64 were connected.",
             load(&flows.socket_refused),
         ),
         (
@@ -442,10 +544,37 @@ fn render(dp: &Datapath, flows: &FlowStats) -> anyhow::Result<String> {
             "Flow messages dropped for flow socket clients that read too slowly (summed over clients).",
             load(&flows.socket_dropped),
         ),
+        (
+            "meshpath_flow_stdout_dropped_total",
+            "counter",
+            "Flow lines not printed on stdout (--flows) because its reader was behind by a full queue.",
+            load(&flows.stdout_dropped),
+        ),
+        (
+            "meshpath_agent_reattach_total",
+            "counter",
+            "Programs the agent attached again after they were detached from under it.",
+            load(&agent.reattached),
+        ),
     ] {
         m.family(name, kind, help);
         m.sample(name, &[], v);
     }
+    m.family(
+        "meshpath_metrics_connections_dropped_total",
+        "counter",
+        "Metrics connections closed before their response was delivered: at their deadline (reason=deadline) or to make room for new ones (reason=evicted).",
+    );
+    m.sample(
+        "meshpath_metrics_connections_dropped_total",
+        &[("reason", "deadline")],
+        load(&agent.metrics_deadline),
+    );
+    m.sample(
+        "meshpath_metrics_connections_dropped_total",
+        &[("reason", "evicted")],
+        load(&agent.metrics_evicted),
+    );
     Ok(m.out)
 }
 

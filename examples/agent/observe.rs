@@ -7,6 +7,7 @@
 //! the agent's run is missed.
 
 use std::fmt::Write as _;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use meshpath::Datapath;
@@ -16,6 +17,21 @@ use crate::flow_socket::FlowSocket;
 use crate::flows::{FlowPump, FlowStats, Sinks};
 use crate::metrics::MetricsServer;
 
+/// What the agent itself counts (beyond the flows), for the metrics and
+/// the counters line.
+#[derive(Debug, Default)]
+pub(crate) struct AgentStats {
+    /// Programs attached again after they were detached from under the
+    /// agent.
+    pub(crate) reattached: AtomicU64,
+    /// Metrics connections closed at their deadline (slow or idle
+    /// clients).
+    pub(crate) metrics_deadline: AtomicU64,
+    /// Metrics connections closed to make room for new ones (the oldest
+    /// unanswered first).
+    pub(crate) metrics_evicted: AtomicU64,
+}
+
 /// Everything `--flows`, `--flow-socket` and `--metrics` run. Dropping it
 /// stops them all and removes the flow socket file.
 pub(crate) struct Observability {
@@ -24,6 +40,7 @@ pub(crate) struct Observability {
     socket: Option<FlowSocket>,
     metrics: Option<MetricsServer>,
     stats: Arc<FlowStats>,
+    agent: Arc<AgentStats>,
     print: Option<FlowFormat>,
 }
 
@@ -42,15 +59,26 @@ impl Observability {
             socket,
             metrics,
             stats,
+            agent: Arc::new(AgentStats::default()),
             print: args.flows,
         })
+    }
+
+    /// The agent's own counters.
+    pub(crate) fn agent_stats(&self) -> Arc<AgentStats> {
+        self.agent.clone()
+    }
+
+    /// The flows' counters.
+    pub(crate) fn flow_stats(&self) -> &FlowStats {
+        &self.stats
     }
 
     /// Opens the flow reader (when flows are printed or served) and
     /// starts serving.
     pub(crate) fn start(&mut self, dp: &Datapath, args: &Args) -> anyhow::Result<()> {
         if let Some(m) = &mut self.metrics {
-            m.start(dp, self.stats.clone())?;
+            m.start(dp, self.stats.clone(), self.agent.clone())?;
         }
         if self.print.is_some() || self.socket.is_some() {
             let sinks = Sinks {

@@ -94,6 +94,6 @@ pub(crate) fn reload(dp: &Datapath, args: &Args) {
     };
     let result = load_config(path).and_then(|state| apply_policy(dp, path, &state, args, false));
     if let Err(e) = result {
-        eprintln!("agent: error: {}", one_line(&e));
+        crate::output::error(&one_line(&e));
     }
 }

@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 use std::os::fd::AsFd;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -14,6 +15,7 @@ use nix::sys::signalfd::SignalFd;
 
 use crate::auth::AuthService;
 use crate::cli::Args;
+use crate::observe::Observability;
 use crate::output::{one_line, say, warn};
 use crate::policy::reload;
 use crate::setup::sweep;
@@ -21,8 +23,9 @@ use crate::setup::sweep;
 /// How often stale socket-index entries are swept.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 
-/// How often, with --pin, the agent checks that its pins are still there.
-const PIN_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the agent checks that its programs are still attached (and,
+/// with --pin, that its pins are still there).
+const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 pub(crate) fn handled_signals() -> SigSet {
     let mut set = SigSet::empty();
@@ -34,24 +37,28 @@ pub(crate) fn handled_signals() -> SigSet {
 
 /// Runs until SIGINT or SIGTERM (returned): reloads the config on SIGHUP,
 /// sweeps stale index entries every [`SWEEP_INTERVAL`], prints the
-/// counters every `--stats-interval`, and with --pin runs `check_pins`
-/// every [`PIN_CHECK_INTERVAL`].
+/// counters every `--stats-interval`, and runs `check` (attachments and
+/// pins) every [`CHECK_INTERVAL`].
+///
+/// Nothing in the loop waits on a reader or a file without a bound:
+/// output is queued (`output`), files are read with a size limit and a
+/// timeout (`files`).
 pub(crate) fn serve(
     sigfd: &SignalFd,
     dp: &Datapath,
     args: &Args,
     auth: Option<&AuthService>,
-    check_pins: &mut dyn FnMut(),
+    observe: &Observability,
+    check: &mut dyn FnMut(),
 ) -> anyhow::Result<Signal> {
     let stats_every = args.stats_interval.map(Duration::from_secs);
     let mut next_stats = stats_every.map(|i| Instant::now() + i);
     let mut next_sweep = Instant::now() + SWEEP_INTERVAL;
-    let mut next_pins = Instant::now() + PIN_CHECK_INTERVAL;
+    let mut next_check = Instant::now() + CHECK_INTERVAL;
     loop {
-        let mut wake = next_stats.map_or(next_sweep, |s| s.min(next_sweep));
-        if args.pin.is_some() {
-            wake = wake.min(next_pins);
-        }
+        let wake = next_stats
+            .map_or(next_sweep, |s| s.min(next_sweep))
+            .min(next_check);
         let ms = wake
             .saturating_duration_since(Instant::now())
             .as_micros()
@@ -83,9 +90,9 @@ pub(crate) fn serve(
             Err(e) => return Err(e).context("waiting for signals"),
         }
         let now = Instant::now();
-        if args.pin.is_some() && now >= next_pins {
-            check_pins();
-            next_pins = now + PIN_CHECK_INTERVAL;
+        if now >= next_check {
+            check();
+            next_check = now + CHECK_INTERVAL;
         }
         if now >= next_sweep {
             sweep(dp);
@@ -93,7 +100,7 @@ pub(crate) fn serve(
         }
         if let (Some(at), Some(every)) = (next_stats, stats_every) {
             if now >= at {
-                print_stats(dp);
+                print_stats(dp, observe);
                 // Skip ticks missed while suspended rather than bursting.
                 next_stats = Some(if at + every > now {
                     at + every
@@ -105,7 +112,7 @@ pub(crate) fn serve(
     }
 }
 
-fn print_stats(dp: &Datapath) {
+fn print_stats(dp: &Datapath, observe: &Observability) {
     match dp.counters() {
         Ok(c) => {
             // iter() starts with the derived sockets_tracked.
@@ -113,6 +120,15 @@ fn print_stats(dp: &Datapath) {
             for (name, v) in c.iter() {
                 let _ = write!(line, " {name}={v}");
             }
+            // The agent's own, after the datapath's.
+            let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+            let agent = observe.agent_stats();
+            let _ = write!(
+                line,
+                " agent_reattach={} flows_stdout_dropped={}",
+                load(&agent.reattached),
+                load(&observe.flow_stats().stdout_dropped)
+            );
             let _ = say(&line);
         }
         Err(e) => warn(&format!("reading counters: {}", one_line(&e.into()))),

@@ -1,7 +1,10 @@
 //! Setting the datapath up: checking the cgroups, loading, configuring,
-//! attaching (cgroups and XDP), and sweeping stale socket entries.
+//! attaching (cgroups and XDP), sweeping stale socket entries, and
+//! watching that what the agent attached and pinned stays so.
 
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use meshpath::cgroup::{self, CgroupDir};
@@ -11,6 +14,7 @@ use meshpath::{
 };
 
 use crate::cli::Args;
+use crate::observe::AgentStats;
 use crate::output::{one_line, warn};
 
 /// Opens every `--cgroup` before anything is loaded, so that a bad path
@@ -66,8 +70,8 @@ pub(crate) fn identity_key(args: &Args) -> anyhow::Result<IdentityKey> {
     let Some(path) = &args.identity_key else {
         return Ok(IdentityKey::default());
     };
-    let bytes = std::fs::read(path)
-        .with_context(|| format!("--identity-key {}: cannot read it", path.display()))?;
+    let bytes = crate::files::read_file("--identity-key", path, crate::files::SMALL_LIMIT)
+        .with_context(|| format!("--identity-key {}", path.display()))?;
     IdentityKey::from_file_contents(&bytes).map_err(|e| {
         anyhow::anyhow!(
             "--identity-key {}: {e} (the file holds 32 or more hex digits, or 16 or more raw \
@@ -107,6 +111,29 @@ pub(crate) fn load_datapath(args: &Args, key: &IdentityKey) -> anyhow::Result<Da
     let dp = Datapath::load(&opts).context("loading the datapath")?;
     for problem in dp.quirks().problems() {
         warn(&problem);
+    }
+    // Pinned maps keep the size they were made with.
+    for m in dp.adopted_size_mismatches() {
+        let asked = match m.map.as_str() {
+            "meshpath_sockets" | "meshpath_sock_index" if args.max_sockets.is_some() => {
+                "--max-sockets asks for"
+            }
+            ct if ct.starts_with("meshpath_ct") && args.max_conntrack.is_some() => {
+                "--max-conntrack asks for"
+            }
+            _ => "this agent asks for",
+        };
+        warn(&format!(
+            "adopted map {} in {} has {} entries as pinned, {asked} {}: it keeps its pinned \
+             size (to resize, stop the agent and run --cleanup, which drops the pinned state)",
+            m.map,
+            args.pin
+                .as_deref()
+                .map(|d| d.display().to_string())
+                .unwrap_or_default(),
+            m.pinned,
+            m.requested
+        ));
     }
     Ok(dp)
 }
@@ -158,6 +185,73 @@ pub(crate) fn sweep(dp: &Datapath) {
             "sweeping stale socket entries: {}",
             one_line(&e.into())
         ));
+    }
+}
+
+/// Watches the programs attached to the cgroups: a program detached from
+/// under the agent (`bpftool link detach`, `BPF_LINK_DETACH` on a pin, a
+/// link switched to another program) is reported and attached again, and
+/// counted (`meshpath_agent_reattach_total`).
+pub(crate) struct LinkWatch {
+    stats: Arc<AgentStats>,
+    /// The last failure reported, to report each once.
+    last_error: Option<String>,
+}
+
+impl LinkWatch {
+    pub(crate) fn new(stats: Arc<AgentStats>) -> LinkWatch {
+        LinkWatch {
+            stats,
+            last_error: None,
+        }
+    }
+
+    pub(crate) fn check(&mut self, attachments: &mut [CgroupAttachment]) {
+        let mut failed = None;
+        for a in attachments.iter_mut() {
+            let cgroup = a.cgroup().display().to_string();
+            let severed = match a.severed() {
+                Ok(s) if s.is_empty() => continue,
+                Ok(s) => s,
+                Err(e) => {
+                    failed.get_or_insert(format!(
+                        "checking the programs attached to cgroup {cgroup}: {}",
+                        one_line(&e.into())
+                    ));
+                    continue;
+                }
+            };
+            let what: Vec<String> = severed
+                .iter()
+                .map(|s| format!("{} ({})", s.hook, s.reason))
+                .collect();
+            match a.reattach() {
+                Ok(done) => {
+                    self.stats
+                        .reattached
+                        .fetch_add(done.len() as u64, Ordering::Relaxed);
+                    warn(&format!(
+                        "cgroup {cgroup}: programs detached from under the agent: {}; attached \
+                         again",
+                        what.join(", ")
+                    ));
+                }
+                Err(e) => {
+                    failed.get_or_insert(format!(
+                        "cgroup {cgroup}: programs detached from under the agent: {}; attaching \
+                         them again failed ({}): they are not enforced there",
+                        what.join(", "),
+                        one_line(&e.into())
+                    ));
+                }
+            }
+        }
+        if failed != self.last_error {
+            if let Some(msg) = &failed {
+                warn(msg);
+            }
+            self.last_error = failed;
+        }
     }
 }
 
