@@ -189,17 +189,20 @@ impl Agent {
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
-        let out = child.stdout.take().expect("piped stdout");
         let mut err = child.stderr.take().expect("piped stderr");
         let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
+        // stdout is read unless `tweak` sent it elsewhere (a pipe the test
+        // reads, or not, itself).
+        if let Some(out) = child.stdout.take() {
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send(line).is_err() {
+                        break;
+                    }
                 }
-            }
-        });
+            });
+        }
         let (etx, erx) = mpsc::channel();
         let stderr = std::thread::spawn(move || {
             let mut all = String::new();
@@ -403,6 +406,39 @@ impl Failed {
     }
 }
 
+/// Runs the agent expecting it to fail: it must exit (within 20 s)
+/// without ever printing `ready`; a `ready` line is a failure of the test.
+pub fn run_refused<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Failed {
+    let mut agent = Agent::spawn(args);
+    let deadline = Instant::now() + super::scaled(Duration::from_secs(20));
+    loop {
+        while let Ok(line) = agent.stdout.try_recv() {
+            if line.contains("ready") {
+                let _ = agent.child.kill();
+                let _ = agent.child.wait();
+                panic!(
+                    "the agent started (`{line}`) where it had to be refused; stderr: {:?}",
+                    agent.stderr_text()
+                );
+            }
+            agent.seen.push(line);
+        }
+        if let Some(status) = agent.child.try_wait().expect("waiting for the agent") {
+            return Failed {
+                status,
+                stdout: agent.stdout_lines(),
+                stderr: agent.stderr_text(),
+            };
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent neither exited nor got ready within 20 s (scaled); stdout: {:?}",
+            agent.seen
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Runs the agent to completion (it is expected to fail quickly).
 pub fn run_failing<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Failed {
     run_failing_with(agent_bin(), args, |_| {})
@@ -420,6 +456,73 @@ pub fn run_failing_with<S: AsRef<std::ffi::OsStr>>(
         stdout: agent.stdout_lines(),
         stderr: agent.stderr_text(),
     }
+}
+
+// ---------------------------------------------------------------------------
+// The metrics endpoint.
+
+/// The address in a ready line's `; metrics on http://ADDR/metrics`.
+pub fn metrics_addr(ready: &str) -> SocketAddr {
+    ready
+        .split("metrics on http://")
+        .nth(1)
+        .and_then(|rest| rest.split("/metrics").next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no metrics address in the ready line: {ready}"))
+}
+
+/// `GET /metrics` within `timeout` (connect to last byte); the body of a
+/// 200 response, or an error saying what went wrong.
+pub fn try_scrape(addr: SocketAddr, timeout: Duration) -> Result<String, String> {
+    let deadline = Instant::now() + timeout;
+    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
+    s.set_write_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+        .map_err(|e| format!("sending the request: {e}"))?;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!(
+                "no complete response within {timeout:?} ({} bytes so far)",
+                out.len()
+            ));
+        }
+        s.set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) => return Err(format!("reading the response: {e}")),
+        }
+    }
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no response head: {text:?}"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(format!("not 200: {head:?}"));
+    }
+    Ok(body.to_string())
+}
+
+/// `GET /metrics` (5 s, scaled); panics unless it answers 200.
+pub fn scrape(addr: SocketAddr) -> String {
+    try_scrape(addr, super::scaled(Duration::from_secs(5)))
+        .unwrap_or_else(|e| panic!("scraping {addr}: {e}"))
+}
+
+/// The value of the sample `series` (name and labels exactly as written,
+/// e.g. `meshpath_x_total{reason="deadline"}`) in a scrape.
+pub fn sample(body: &str, series: &str) -> Option<u64> {
+    body.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 // ---------------------------------------------------------------------------
