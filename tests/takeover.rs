@@ -233,7 +233,7 @@ fn unread_bytes_from_before_attach_are_not_overtaken() {
     let st = env.dp.socket_state(&s).unwrap().unwrap();
     assert!(st.msgs_redirected > 0, "the server's replies: {st:?}");
     drop((c, c3, s));
-    env.wait_empty(Duration::from_secs(5));
+    env.wait_empty_after_takeover(Duration::from_secs(5));
 }
 
 const A: &str = "spiffe://mesh.local/ns/t/sa/a";
@@ -359,7 +359,7 @@ fn sends_right_after_a_takeover_take_tcp() {
     let st = env.dp.socket_state(&c).unwrap().unwrap();
     assert_eq!(st.tcp_reason, Some(TcpReason::Adopted), "{st:?}");
     drop((c, s));
-    env.wait_empty(Duration::from_secs(5));
+    env.wait_empty_after_takeover(Duration::from_secs(5));
 }
 
 fn bind_connect(src: &str, to: SocketAddr) -> TcpStream {
@@ -459,5 +459,5 @@ fn connections_in_a_pod_namespace_are_taken_over_and_judged() {
     }
     drop((c, s, d, t));
     drop(pod);
-    env.wait_empty(Duration::from_secs(5));
+    env.wait_empty_after_takeover(Duration::from_secs(5));
 }
