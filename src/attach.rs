@@ -373,24 +373,28 @@ fn link_info(link: BorrowedFd<'_>) -> std::io::Result<(u64, u32, u32)> {
 fn attached_programs(cg: BorrowedFd<'_>, attach_type: u32) -> std::io::Result<Vec<u32>> {
     // The kernel allows 64 programs per cgroup and hook.
     let mut ids = [0u32; 128];
-    let mut count = ids.len() as u32;
-    let mut flags = 0u32;
-    // SAFETY: `ids` holds `count` u32s and `flags` one; all outlive the
-    // call, which writes at most `count` ids and updates `count`.
-    let r = unsafe {
-        libbpf_sys::bpf_prog_query(
-            cg.as_raw_fd(),
-            attach_type,
-            0,
-            &mut flags,
-            ids.as_mut_ptr(),
-            &mut count,
-        )
-    };
+    // Per-program attach flags: the kernel requires them for
+    // BPF_LSM_CGROUP (one hook per attach BTF id; EINVAL without), and
+    // kernels before 6.0 know no such field, so only there.
+    let mut prog_flags = [0u32; 128];
+    // SAFETY: bpf_prog_query_opts is plain data; zeroed is its empty value.
+    let mut opts: libbpf_sys::bpf_prog_query_opts = unsafe { std::mem::zeroed() };
+    opts.sz = std::mem::size_of::<libbpf_sys::bpf_prog_query_opts>() as _;
+    opts.prog_ids = ids.as_mut_ptr();
+    opts.__bindgen_anon_1.prog_cnt = ids.len() as u32;
+    if attach_type == libbpf_sys::BPF_LSM_CGROUP {
+        opts.prog_attach_flags = prog_flags.as_mut_ptr();
+    }
+    // SAFETY: `opts` points at `ids` (and `prog_flags`), each of
+    // `prog_cnt` u32s, all outliving the call, which writes at most
+    // `prog_cnt` entries and updates the count.
+    let r = unsafe { libbpf_sys::bpf_prog_query_opts(cg.as_raw_fd(), attach_type, &mut opts) };
     if r < 0 {
         return Err(std::io::Error::from_raw_os_error(-r));
     }
-    Ok(ids[..(count as usize).min(ids.len())].to_vec())
+    // SAFETY: prog_cnt is the union member the kernel wrote back.
+    let count = unsafe { opts.__bindgen_anon_1.prog_cnt } as usize;
+    Ok(ids[..count.min(ids.len())].to_vec())
 }
 
 /// The sk_msg program attached to the SOCKHASH: a BPF link where the
